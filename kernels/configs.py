@@ -1,0 +1,236 @@
+"""Every autotune configuration we ship, in one place, with the filter that says where each may run.
+
+Configurations are data (tuples below). :func:`keep_gemm` / :func:`keep_shrink` / :func:`keep_grad` decide
+whether one fits a given variant (element size, dropout, rank); the autotuner prunes with them before it
+benchmarks, and ``fused_lora.compile_check`` compiles every configuration in the worst variant that
+:func:`keep_*` admits it for, so what we ship is what we checked.
+
+Autotune keys use bucketed sizes (:func:`kernels.utils.bucket`): a new sequence length lands in a tuned
+bucket and does not recompile, because M is also passed unspecialised.
+
+Under ``TRITON_INTERPRET=1`` each kernel gets one small configuration: the interpreter runs programs one
+by one on the CPU, and benchmarking configurations there would measure nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+
+from .utils import interpreting
+
+# The filters below take an architecture: 80 (Ampere rules, also used for sm_86/89) or 90 (Hopper).
+# The autotuner prunes for the GPU at hand; compile_check compiles each configuration for every
+# architecture that admits it. Shared memory per block (sm_80: 163 KiB, sm_90: 227 KiB), less a margin.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_MARGIN = 8 * 1024
+
+
+class GemmConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+class ShrinkConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_K: int
+    SPLIT_K: int  # programs sharing one row band's K blocks (atomics into a zeroed xa when > 1)
+    num_warps: int
+    num_stages: int
+    max_rank_16: int  # largest R_PAD it serves with 16-bit activations (measured: no spills)
+    max_rank_32: int  # ... with fp32 activations (0: never)
+
+
+class GradConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int  # the streamed tile: along N for dY, then along K for x
+    num_warps: int
+    num_stages: int
+    max_rank_16: int  # largest R_BLOCK it serves with 16-bit activations (measured: no spills)
+    max_rank_32: int  # ... with fp32 activations (0: never)
+
+
+# Tile shapes from the Triton matmul tutorials' Hopper/Ampere lists, plus BLOCK_K=32 variants so that
+# fp32 inputs keep a pipeline within the shared-memory budget.
+GEMM = [
+    GemmConfig(128, 256, 64, 8, 8, 3),
+    GemmConfig(128, 128, 64, 8, 8, 4),
+    GemmConfig(64, 256, 64, 8, 4, 4),
+    GemmConfig(128, 64, 64, 8, 4, 4),
+    GemmConfig(64, 128, 64, 8, 4, 4),
+    GemmConfig(64, 64, 64, 8, 4, 4),
+    # fp32 operands (tf32 / tf32x3): BLOCK_K = 32 keeps the split operands in registers.
+    GemmConfig(128, 128, 32, 8, 8, 3),
+    GemmConfig(64, 128, 32, 8, 4, 4),
+    GemmConfig(64, 64, 32, 8, 4, 4),
+]
+# The rank caps below were measured with compile_check (ptxas, sm_80 and sm_90a): the register
+# pressure of these kernels is set by [BLOCK_M, R] accumulators *and* by [BLOCK, R] adapter tiles that
+# mma.sync keeps in registers, which no simple formula captured. Raise a cap only with a clean check.
+SHRINK = [
+    ShrinkConfig(64, 64, 1, 4, 3, 64, 32),
+    ShrinkConfig(64, 64, 2, 4, 3, 64, 32),
+    ShrinkConfig(64, 64, 4, 4, 3, 64, 32),
+    ShrinkConfig(128, 64, 2, 8, 3, 64, 16),
+    ShrinkConfig(128, 64, 4, 8, 3, 64, 16),
+    ShrinkConfig(32, 64, 1, 4, 3, 128, 16),
+    ShrinkConfig(32, 64, 4, 4, 2, 128, 32),
+    ShrinkConfig(16, 64, 2, 4, 2, 128, 64),
+    ShrinkConfig(16, 64, 4, 8, 2, 256, 128),
+    ShrinkConfig(16, 32, 4, 8, 2, 256, 256),
+    ShrinkConfig(16, 32, 1, 8, 2, 256, 256),
+]
+GRAD = [
+    GradConfig(32, 64, 4, 3, 64, 16),
+    GradConfig(64, 64, 4, 3, 64, 0),
+    GradConfig(64, 64, 8, 3, 64, 16),
+    GradConfig(128, 64, 8, 2, 64, 0),
+    GradConfig(32, 128, 4, 3, 32, 0),
+    GradConfig(16, 64, 4, 2, 64, 32),
+    GradConfig(16, 64, 8, 2, 64, 32),
+    GradConfig(32, 32, 4, 2, 64, 32),
+]
+
+GEMM_INTERPRET = GemmConfig(32, 32, 32, 4, 4, 1)
+SHRINK_INTERPRET = ShrinkConfig(16, 32, 2, 4, 1, 256, 256)
+GRAD_INTERPRET = GradConfig(16, 32, 4, 1, 64, 64)
+
+
+# The GEMM's low-rank prologue walks the rank in slices of this many columns. 16 is tl.dot's smallest
+# K and keeps the slices' operands small enough that the largest tiles (128x256, 8 warps) stay under
+# ~210 registers on sm_90a (32 or 64 pushed them to 255 and spills, measured by compile_check).
+GEMM_R_CHUNK = 16
+
+
+def _gemm_acc_limit(elem_bytes: int, dropout: bool, arch: int) -> int:
+    """fp32 accumulator values per thread a GEMM tile may hold, measured with compile_check (ptxas).
+
+    16-bit operands: 128 on sm_90a (128x256 tiles on 8 warps), 64 on sm_80 (mma.sync holds its operand
+    fragments in registers too: 128 spilled with triton 3.6) and 64 with dropout (the keep-mask's Philox
+    state is live beside the accumulator in the prologue; 128 spilled). fp32 operands run tf32x3, which
+    splits every operand in two: 64 on sm_90a, 32 on sm_80."""
+    if elem_bytes == 2:
+        return 128 if arch >= 90 and not dropout else 64
+    return 64 if arch >= 90 else 32
+
+
+def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int) -> bool:
+    """May `c` run the fused GEMM on `arch`? Its pipeline must fit shared memory and its accumulator
+    the register budget above; fp32 operands also need BLOCK_K <= 32."""
+    pipeline = c.num_stages * (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_K * elem_bytes
+    acc = c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
+    if elem_bytes == 4 and c.BLOCK_K > 32:
+        return False
+    return pipeline <= SMEM_LIMIT[arch] - SMEM_MARGIN and acc <= _gemm_acc_limit(elem_bytes, dropout, arch)
+
+
+def _keep_stream(c, elem_bytes: int, r: int, arch: int) -> bool:
+    """Rank within the configuration's measured cap; pipeline stages ([BLOCK_M, tile] activations and
+    a [tile, r] adapter tile each) within shared memory."""
+    if r > (c.max_rank_16 if elem_bytes == 2 else c.max_rank_32):
+        return False
+    tile = c[1]  # BLOCK_K (shrink) or BLOCK_N (grad)
+    return c.num_stages * tile * (c.BLOCK_M * elem_bytes + r * 4) <= SMEM_LIMIT[arch] - SMEM_MARGIN
+
+
+def keep_shrink(c: ShrinkConfig, elem_bytes: int, r_pad: int, arch: int) -> bool:
+    return _keep_stream(c, elem_bytes, r_pad, arch)
+
+
+def grad_r_block(r_pad: int, elem_bytes: int) -> int:
+    """Rank columns one grad program owns: all of them up to 64 (32 for fp32 activations); larger
+    ranks split across programs, each re-reading its dY and x band."""
+    return min(r_pad, 64 if elem_bytes == 2 else 32)
+
+
+def keep_grad(c: GradConfig, elem_bytes: int, r_block: int, arch: int) -> bool:
+    return _keep_stream(c, elem_bytes, r_block, arch)
+
+
+def deterministic_config(kind: str, elem_bytes: int, r: int, arch: int) -> dict:
+    """A fixed launch configuration for deterministic mode (``torch.use_deterministic_algorithms``):
+    no K split in the shrink (no atomics), and for grad the admitted config with the tallest row band
+    (its per-band partial sums, summed on the host in a fixed order, cost bands x (N + K) x r x 4 bytes).
+    """
+    if kind == "shrink":
+        table, keep = [c for c in SHRINK if c.SPLIT_K == 1], keep_shrink
+        interp = SHRINK_INTERPRET._replace(SPLIT_K=1)
+    else:
+        table, keep = sorted(GRAD, key=lambda c: -c.BLOCK_M), keep_grad
+        interp = GRAD_INTERPRET
+    c = interp if interpreting() else next(c for c in table if keep(c, elem_bytes, r, arch))
+    return dict(_as_triton(c).all_kwargs())
+
+
+def _zero_xa(nargs) -> None:
+    nargs["xa_ptr"].zero_()
+
+
+def _as_triton(c) -> triton.Config:
+    not_meta = ("num_warps", "num_stages", "max_rank_16", "max_rank_32")
+    meta = {k: v for k, v in c._asdict().items() if k not in not_meta}
+    # A K-split shrink adds its partial products atomically: its output must start at zero.
+    hook = _zero_xa if meta.get("SPLIT_K", 1) > 1 else None
+    return triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook)
+
+
+def _first_or_all(kept, configs):
+    # Never prune to nothing: the smallest configuration always fits.
+    return kept or configs[-1:]
+
+
+def device_arch(t) -> int:
+    """The rule set (80 or 90) for the GPU that holds tensor `t`."""
+    import torch
+
+    if t.device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(t.device)[0] >= 9 else 80
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    p, dropout = args["p_ptr"], bool(args["DROPOUT"])
+    arch = device_arch(p)
+    kept = [c for c in configs if keep_gemm(_from_triton(c, GemmConfig), p.element_size(), dropout, arch)]
+    return _first_or_all(kept, configs)
+
+
+def prune_shrink(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    x, r_pad = args["x_ptr"], args["R_PAD"]
+    arch = device_arch(x)
+    kept = [c for c in configs if keep_shrink(_from_triton(c, ShrinkConfig), x.element_size(), r_pad, arch)]
+    return _first_or_all(kept, configs)
+
+
+def prune_grad(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    dy, r_pad = args["dy_ptr"], args["R_BLOCK"]
+    arch = device_arch(dy)
+    kept = [c for c in configs if keep_grad(_from_triton(c, GradConfig), dy.element_size(), r_pad, arch)]
+    return _first_or_all(kept, configs)
+
+
+def _from_triton(c: triton.Config, kind):
+    """The table entry a triton.Config was made from."""
+    fields = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    table = {GemmConfig: GEMM, ShrinkConfig: SHRINK, GradConfig: GRAD}[kind]
+    return next(e for e in table if all(fields[f] == getattr(e, f) for f in fields))
+
+
+def gemm_configs() -> list[triton.Config]:
+    return [_as_triton(GEMM_INTERPRET)] if interpreting() else [_as_triton(c) for c in GEMM]
+
+
+def shrink_configs() -> list[triton.Config]:
+    return [_as_triton(SHRINK_INTERPRET)] if interpreting() else [_as_triton(c) for c in SHRINK]
+
+
+def grad_configs() -> list[triton.Config]:
+    return [_as_triton(GRAD_INTERPRET)] if interpreting() else [_as_triton(c) for c in GRAD]
