@@ -1,0 +1,73 @@
+"""Which implementation runs a call: the Triton kernels or the plain-PyTorch reference.
+
+    auto       CUDA tensors -> triton, anything else -> reference (the default)
+    triton     always the kernels; CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)
+    reference  always fused_lora.reference
+
+Chosen, most specific first, by :func:`use_backend` / :func:`set_backend` in Python, then the
+environment variable ``FUSED_LORA_BACKEND``, then ``auto``. Read at every call, so a test or a script
+can switch without re-importing anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "FUSED_LORA_BACKEND"
+
+_forced: str | None = None
+
+
+def _check(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process ('auto', 'triton', 'reference'); None returns to the
+    environment variable / auto."""
+    global _forced
+    _forced = None if name is None else _check(name, "backend")
+
+
+def get_backend() -> str:
+    """The configured backend name (before 'auto' is resolved for a device)."""
+    if _forced is not None:
+        return _forced
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` runs the block with that backend, then restores."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(device: torch.device) -> str:
+    """'triton' or 'reference' for tensors on `device`."""
+    name = get_backend()
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if name == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"the triton backend runs on CUDA tensors, but the inputs are on {device}; set "
+            f"TRITON_INTERPRET=1 (before triton is imported) to run the kernels on the CPU through "
+            f"Triton's interpreter, or use the 'reference' backend"
+        )
+    return name

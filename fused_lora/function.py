@@ -1,0 +1,144 @@
+"""``lora_linear``: the fused LoRA linear layer as a ``torch.autograd.Function``.
+
+    x [..., K], W [N, K], bias [N] or None, A [r, K], B [N, r], s = scaling
+    y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ
+
+Forward (2 launches): xa = drop(x)·Aᵀ [M, r] fp32 (shrink), then y = x·Wᵀ + s·xa·Bᵀ + bias (one
+GEMM, low-rank term in the epilogue). Saved for backward: x itself (the caller's tensor), xa, and
+an 8-byte seed when dropout is on — the mask is regenerated, never stored.
+
+Backward (2 launches): g = dY·B, dB = s·dYᵀ·xa and dA = s/(1-p)·gᵀ·drop(x) in one pass over dY and
+x (lora_grad), then dX = dY·W + s/(1-p)·mask⊙(g·A) (the forward's GEMM kernel). Gradients are computed
+only for inputs that need them; a trainable W or bias gets its gradient from plain torch (dYᵀ·x, Σ dY).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backend import resolve_backend
+from .validation import check_dropout, check_kernel_dtypes, check_lora_inputs, check_scaling
+
+_kernels = None
+
+
+def _k():
+    """fused_lora.kernels, imported on first use: importing triton reads TRITON_INTERPRET, so a CPU-only
+    user (or a test that sets the variable late) never pays for, or is surprised by, an early import."""
+    global _kernels
+    if _kernels is None:
+        from . import kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """A Philox seed from torch's generator for `device`, kept on that device (no host sync), so
+    torch.manual_seed makes runs reproducible and activation checkpointing replays the same mask."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """autograd for the fused kernels. Use :func:`lora_linear`, which checks inputs and picks a backend."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float,
+                deterministic: bool):
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K)  # a view unless x's leading dims cannot be flattened
+        seed = _draw_seed(x.device) if dropout_p > 0.0 else None
+        k = _k()
+        with _on_device(x):
+            xa = k.shrink(x2, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
+            y2 = k.lora_gemm(x2, weight.t(), xa, lora_B.t(), scale=scaling, bias=bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.deterministic = scaling, dropout_p, deterministic
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y2.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        s, p = ctx.scaling, ctx.dropout_p
+        K, N = x.shape[-1], weight.shape[0]
+        x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+        dx = dw = dbias = dA = dB = None
+        k = _k()
+        with _on_device(x):
+            if need_x or need_A or need_B:
+                g, dA, dB = k.lora_grad(dy2, lora_B, xa, x2, scaling=s, dropout_p=p, seed=seed,
+                                        need_g=need_x, need_dA=need_A, need_dB=need_B,
+                                        deterministic=ctx.deterministic)
+            if need_x:
+                dx = k.lora_gemm(dy2, weight, g, lora_A, scale=s / (1.0 - p), dropout_p=p, seed=seed)
+                dx = dx.view(x.shape)
+        if need_w:
+            dw = (dy2.t() @ x2).to(weight.dtype)
+        if need_bias:
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
+        if dA is not None:
+            dA = dA.to(lora_A.dtype)
+        if dB is not None:
+            dB = dB.to(lora_B.dtype)
+        return dx, dw, dbias, dA, dB, None, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scaling·(drop(x)·lora_Aᵀ)·lora_Bᵀ, fused (see the module docstring).
+
+    x [..., in_features] in fp16 / bf16 / fp32 (any strides); weight [out, in] in x's dtype (a
+    transposed view is fine); lora_A [r, in] and lora_B [out, r] in x's dtype or fp32; bias [out] or
+    None. Dropout (probability `dropout_p`, only when `training`) applies to the low-rank path's input.
+
+    Under ``torch.autocast`` it behaves as ``nn.Linear`` does: x, weight and bias are cast to the
+    autocast dtype and so is the output; fp32 adapters stay fp32 (the kernels read them as they are).
+    """
+    check_lora_inputs(x, weight, lora_A, lora_B, bias)
+    scaling = check_scaling(scaling)
+    p = check_dropout(dropout_p) if training else 0.0
+
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = _cast(x, cast), _cast(weight, cast)
+        bias = _cast(bias, cast) if bias is not None else None
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
+    guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
+
+    with guard:
+        if resolve_backend(x.device) == "reference":
+            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
+        check_kernel_dtypes(x)
+        if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
+            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p,
+                                        torch.are_deterministic_algorithms_enabled())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype in (dtype, torch.float64) else t.to(dtype)

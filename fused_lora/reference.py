@@ -1,0 +1,91 @@
+"""The LoRA linear layer in plain PyTorch: the specification every kernel is tested against, the CPU
+path, and the 'peft' provider of the benchmarks when PEFT itself is not installed.
+
+    x [..., K], W [N, K], bias [N] or None, A [r, K], B [N, r], s = lora_alpha / r (/ √r with rsLoRA)
+    drop(x) = x ⊙ mask / (1 - p) in training with p > 0, x otherwise
+
+    y  = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ
+    dX = dY·W + s·mask ⊙ ((dY·B)·A) / (1 - p)
+    dA = s·(dY·B)ᵀ·drop(x)        dB = s·dYᵀ·(drop(x)·Aᵀ)
+    dW = dYᵀ·x                    dbias = Σ dY
+
+The low-rank path runs in the adapters' dtype (x is cast to it), like PEFT: fp32 adapters on 16-bit
+activations compute that path in fp32, and the sum is rounded to x's dtype once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def draw_dropout_mask(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """A bool keep-mask shaped like x from torch's generator (P(keep) = 1 - p)."""
+    return torch.rand(x.shape, device=x.device) >= dropout_p
+
+
+def dropped(x: torch.Tensor, dropout_p: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """drop(x) = x ⊙ mask / (1 - p); x itself when p = 0 or there is no mask."""
+    if dropout_p == 0.0 or mask is None:
+        return x
+    return x * mask.to(x.dtype) / (1.0 - dropout_p)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ, differentiable by autograd.
+
+    `dropout_mask` (bool, x's shape) replaces the random mask: tests pass the kernels' own mask."""
+    y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+    if lora_A.shape[0] == 0:
+        return y
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and dropout_mask is None:
+        dropout_mask = draw_dropout_mask(x, p)
+    xd = dropped(x, p, dropout_mask).to(lora_A.dtype)
+    low = F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    if low.dtype == y.dtype:
+        return y + low
+    return (y.to(low.dtype) + low).to(y.dtype)  # one rounding of the sum, as PEFT does
+
+
+def lora_linear_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The backward in closed form, for tests: {'x', 'weight', 'bias', 'lora_A', 'lora_B'}, each in the
+    dtype of the inputs given (pass float64 for the ground truth)."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    mask2 = dropout_mask.reshape(-1, K) if dropout_mask is not None else None
+    xd = dropped(x2, dropout_p, mask2)
+    g = dy2 @ lora_B  # [M, r]
+    dx = dy2 @ weight + scaling * dropped(g @ lora_A, dropout_p, mask2)
+    return {
+        "x": dx.reshape(x.shape),
+        "weight": dy2.t() @ x2,
+        "bias": dy2.sum(0),
+        "lora_A": scaling * g.t() @ xd,
+        "lora_B": scaling * dy2.t() @ (xd @ lora_A.t()),
+    }
+
+
+def merge_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s·B·A [N, K] in fp32: what merging adds to W (and unmerging takes away)."""
+    return (lora_B.float() @ lora_A.float()) * scaling

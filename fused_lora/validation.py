@@ -1,0 +1,104 @@
+"""Argument checks shared by ``lora_linear`` and the modules: a clear ValueError / TypeError that names
+the argument and the shapes, before anything reaches a kernel."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; use one of {FLOAT_DTYPES}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
+
+
+def check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an int, got {r!r}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0 (0 means no adapter), got {r}")
+    return int(r)
+
+
+def check_scaling(scaling) -> float:
+    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    return float(scaling)
+
+
+def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
+    """Shapes, dtypes and devices of one LoRA linear call:
+    x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] or None."""
+    _tensor("x", x)
+    _tensor("weight", weight, 2)
+    _tensor("lora_A", lora_A, 2)
+    _tensor("lora_B", lora_B, 2)
+    if bias is not None:
+        _tensor("bias", bias, 1)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+
+    K = x.shape[-1]
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"x's last dimension is {K}, but weight {_shape(weight)} expects in_features = "
+                         f"{weight.shape[1]} (x has shape {_shape(x)})")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A {_shape(lora_A)} must be [r, in_features] = [r, {K}]")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B {_shape(lora_B)} must be [out_features, r] = [{N}, {r}] to match "
+                         f"weight {_shape(weight)} and lora_A {_shape(lora_A)}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias {_shape(bias)} must be [out_features] = [{N}]")
+
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: cast one to the other, or run "
+                        f"under torch.autocast, as nn.Linear requires")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {x.dtype} "
+                        f"or torch.float32")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {x.dtype} or torch.float32")
+
+
+def check_kernel_dtypes(x: torch.Tensor) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the triton backend supports {KERNEL_DTYPES}, got x in {x.dtype}; use the "
+                        f"'reference' backend for float64")
