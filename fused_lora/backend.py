@@ -1,7 +1,8 @@
 """Which implementation runs a call: the Triton kernels or the plain-PyTorch reference.
 
     auto       CUDA tensors -> triton, anything else -> reference (the default)
-    triton     always the kernels; CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)
+    triton     always the kernels; CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); on the
+               meta device the autograd Function runs shape-only (nothing is launched)
     reference  always fused_lora.reference
 
 Chosen, most specific first, by :func:`use_backend` / :func:`set_backend` in Python, then the
@@ -64,7 +65,7 @@ def resolve_backend(device: torch.device) -> str:
     name = get_backend()
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"
-    if name == "triton" and device.type != "cuda" and not interpreting():
+    if name == "triton" and device.type not in ("cuda", "meta") and not interpreting():
         raise ValueError(
             f"the triton backend runs on CUDA tensors, but the inputs are on {device}; set "
             f"TRITON_INTERPRET=1 (before triton is imported) to run the kernels on the CPU through "

@@ -60,8 +60,7 @@ class Row:
     @property
     def ok(self) -> bool:
         limit = SMEM_LIMIT[int(self.arch[3:5])]  # what the hardware allows, not our pruning budget
-        return not self.error and self.spill_bytes == 0 and 0 <= self.shared <= limit and (
-            "MISSING" not in self.mma)
+        return not self.error and self.spill_bytes == 0 and 0 <= self.shared <= limit and ("MISSING" not in self.mma)
 
 
 def _tl_dtype(name: str):
@@ -104,8 +103,9 @@ def _ptxas(ptx: str, arch: int) -> tuple[int, int, str]:
         with open(src, "w") as f:
             f.write(ptx)
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True
+        )
     log = out.stdout + out.stderr
     if out.returncode:
         raise RuntimeError(log[-400:])
@@ -126,11 +126,13 @@ def compile_job(job: Job, arch: int) -> Row:
     try:
         kernel = getattr(importlib.import_module(f"fused_lora.kernels.{job.module}"), job.kernel)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        meta = {k: (_tl_dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v)
-                for k, v in job.meta.items()}
+        meta = {k: (_tl_dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v) for k, v in job.meta.items()}
         sig, constexprs, attrs = _spec(fn, job.args, meta)
-        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        compiled = triton.compile(
+            ASTSource(fn, sig, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+        )
         ptx = compiled.asm["ptx"]
         row.shared = int(compiled.metadata.shared)
         row.registers, row.spill_bytes, row.note = _ptxas(ptx, arch)
@@ -163,8 +165,9 @@ def format_table(rows: list[Row]) -> str:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "FAIL")
         if r.note:
             status += f" ({r.note})"
-        lines.append((r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes),
-                      str(r.shared), r.mma, status))
+        lines.append(
+            (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma, status)
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
@@ -182,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]
     kernels = sorted({r.kernel for r in rows})
-    print(f"\n{len(rows)} compiles ({len(kernels)} kernels x configs x {len(ARCHS)} archs): "
-          f"{len(rows) - len(bad)} ok, {len(bad)} failed; "
-          f"max registers {max(r.registers for r in rows)}, total spill bytes "
-          f"{sum(max(r.spill_bytes, 0) for r in rows)}")
+    print(
+        f"\n{len(rows)} compiles ({len(kernels)} kernels x configs x {len(ARCHS)} archs): "
+        f"{len(rows) - len(bad)} ok, {len(bad)} failed; "
+        f"max registers {max(r.registers for r in rows)}, total spill bytes "
+        f"{sum(max(r.spill_bytes, 0) for r in rows)}"
+    )
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump([dataclasses.asdict(r) | {"ok": r.ok} for r in rows], f, indent=1)

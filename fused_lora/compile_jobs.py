@@ -22,16 +22,50 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
     M, N, K = sizes["M"], sizes["N"], sizes["K"]
     r = 64
     if backward:  # dX [M, K] = dY [M, N] · W [N, K] + g [M, r] · A [r, K]
-        strides = dict(stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=r, stride_lr=1,
-                       stride_rr=K, stride_rn=1, stride_om=K, stride_on=1)
+        strides = dict(
+            stride_pm=N,
+            stride_pk=1,
+            stride_qk=K,
+            stride_qn=1,
+            stride_lm=r,
+            stride_lr=1,
+            stride_rr=K,
+            stride_rn=1,
+            stride_om=K,
+            stride_on=1,
+        )
         n_out, k_red = K, N
     else:  # y [M, N] = x [M, K] · Wᵀ + xa [M, r] · Bᵀ
-        strides = dict(stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=r, stride_lr=1,
-                       stride_rr=1, stride_rn=r, stride_om=N, stride_on=1)
+        strides = dict(
+            stride_pm=K,
+            stride_pk=1,
+            stride_qk=1,
+            stride_qn=K,
+            stride_lm=r,
+            stride_lr=1,
+            stride_rr=1,
+            stride_rn=r,
+            stride_om=N,
+            stride_on=1,
+        )
         n_out, k_red = N, K
-    return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
-                out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, M_BUCKET=M, scale="fp32",
-                threshold="i32", **strides)
+    return dict(
+        p_ptr="*" + dt,
+        q_ptr="*" + dt,
+        l_ptr="*fp32",
+        r_ptr="*" + lora_dt,
+        bias_ptr="*" + dt,
+        out_ptr="*" + dt,
+        seed_ptr="*i64",
+        M=M,
+        N=n_out,
+        K=k_red,
+        R=r,
+        M_BUCKET=M,
+        scale="fp32",
+        threshold="i32",
+        **strides,
+    )
 
 
 def _admitted(keep, *args) -> tuple[int, ...]:
@@ -56,13 +90,31 @@ def gemm_jobs(sizes: dict) -> list[Job]:
             archs = _admitted(keep_gemm, c, BYTES[dt], backward)
             if not archs:
                 continue
-            meta = dict(R_CHUNK=GEMM_R_CHUNK, HAS_BIAS=not backward,
-                        DROPOUT=backward, LORA_DTYPE="tl." + lora_dt,
-                        FP32_PRECISION=_precision(dt), BLOCK_M=c.BLOCK_M,
-                        BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
-            jobs.append(Job("_lora_gemm_kernel", "lora_gemm", _cfg_name(c), label,
-                            _gemm_args(dt, lora_dt, sizes, backward), meta, c.num_warps, c.num_stages,
-                            mma_expected=True, archs=archs))
+            meta = dict(
+                R_CHUNK=GEMM_R_CHUNK,
+                HAS_BIAS=not backward,
+                DROPOUT=backward,
+                LORA_DTYPE="tl." + lora_dt,
+                FP32_PRECISION=_precision(dt),
+                BLOCK_M=c.BLOCK_M,
+                BLOCK_N=c.BLOCK_N,
+                BLOCK_K=c.BLOCK_K,
+                GROUP_M=c.GROUP_M,
+            )
+            jobs.append(
+                Job(
+                    "_lora_gemm_kernel",
+                    "lora_gemm",
+                    _cfg_name(c),
+                    label,
+                    _gemm_args(dt, lora_dt, sizes, backward),
+                    meta,
+                    c.num_warps,
+                    c.num_stages,
+                    mma_expected=True,
+                    archs=archs,
+                )
+            )
     return jobs
 
 
@@ -84,13 +136,47 @@ def shrink_jobs(sizes: dict) -> list[Job]:
     jobs = []
     for c in SHRINK:
         for dt, r, archs in _stream_variants(c, keep_shrink):
-            args = dict(x_ptr="*" + dt, a_ptr="*fp32", xa_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=r,
-                        M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_om=r,
-                        stride_or=1, threshold="i32", keep_scale="fp32")
-            meta = dict(R_PAD=r, DROPOUT=True, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
-                        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)
-            jobs.append(Job("_shrink_kernel", "shrink", _cfg_name(c), f"dropout {dt}, fp32 A, r<={r}", args,
-                            meta, c.num_warps, c.num_stages, mma_expected=False, archs=archs))
+            args = dict(
+                x_ptr="*" + dt,
+                a_ptr="*fp32",
+                xa_ptr="*fp32",
+                seed_ptr="*i64",
+                M=M,
+                K=K,
+                R=r,
+                M_BUCKET=M,
+                stride_xm=K,
+                stride_xk=1,
+                stride_ar=K,
+                stride_ak=1,
+                stride_om=r,
+                stride_or=1,
+                threshold="i32",
+                keep_scale="fp32",
+            )
+            meta = dict(
+                R_PAD=r,
+                DROPOUT=True,
+                LORA_DTYPE="tl.fp32",
+                FP32_PRECISION=_precision(dt),
+                BLOCK_M=c.BLOCK_M,
+                BLOCK_K=c.BLOCK_K,
+                SPLIT_K=c.SPLIT_K,
+            )
+            jobs.append(
+                Job(
+                    "_shrink_kernel",
+                    "shrink",
+                    _cfg_name(c),
+                    f"dropout {dt}, fp32 A, r<={r}",
+                    args,
+                    meta,
+                    c.num_warps,
+                    c.num_stages,
+                    mma_expected=False,
+                    archs=archs,
+                )
+            )
     return jobs
 
 
@@ -101,25 +187,85 @@ def grad_jobs(sizes: dict) -> list[Job]:
     jobs = []
     for c in GRAD:
         for dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
-            args = dict(dy_ptr="*" + dt, b_ptr="*fp32", xa_ptr="*fp32", x_ptr="*" + dt, g_ptr="*fp32",
-                        db_ptr="*fp32", da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r, M_BUCKET=M,
-                        stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
-                        stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r,
-                        stride_dbr=1, stride_dap=0, stride_dar=K, stride_dak=1, scale_db="fp32",
-                        scale_da="fp32", threshold="i32")
-            meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True,
-                        DETERMINISTIC=False, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
-                        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
-            jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), f"dropout {dt}, fp32 A/B, r<={r}",
-                            args, meta, c.num_warps, c.num_stages, mma_expected=False, archs=archs))
+            args = dict(
+                dy_ptr="*" + dt,
+                b_ptr="*fp32",
+                xa_ptr="*fp32",
+                x_ptr="*" + dt,
+                g_ptr="*fp32",
+                db_ptr="*fp32",
+                da_ptr="*fp32",
+                seed_ptr="*i64",
+                M=M,
+                N=N,
+                K=K,
+                R=r,
+                M_BUCKET=M,
+                stride_dym=N,
+                stride_dyn=1,
+                stride_bn=r,
+                stride_br=1,
+                stride_xam=r,
+                stride_xar=1,
+                stride_xm=K,
+                stride_xk=1,
+                stride_gm=r,
+                stride_gr=1,
+                stride_dbp=0,
+                stride_dbn=r,
+                stride_dbr=1,
+                stride_dap=0,
+                stride_dar=K,
+                stride_dak=1,
+                scale_db="fp32",
+                scale_da="fp32",
+                threshold="i32",
+            )
+            meta = dict(
+                R_BLOCK=r,
+                STORE_G=True,
+                COMPUTE_DB=True,
+                COMPUTE_DA=True,
+                DROPOUT=True,
+                DETERMINISTIC=False,
+                LORA_DTYPE="tl.fp32",
+                FP32_PRECISION=_precision(dt),
+                BLOCK_M=c.BLOCK_M,
+                BLOCK_N=c.BLOCK_N,
+            )
+            jobs.append(
+                Job(
+                    "_lora_grad_kernel",
+                    "lora_grad",
+                    _cfg_name(c),
+                    f"dropout {dt}, fp32 A/B, r<={r}",
+                    args,
+                    meta,
+                    c.num_warps,
+                    c.num_stages,
+                    mma_expected=False,
+                    archs=archs,
+                )
+            )
     return jobs
 
 
 def mask_jobs(sizes: dict) -> list[Job]:
-    args = dict(seed_ptr="*i64", out_ptr="*i8", M=sizes["M"], K=sizes["K"], stride_om=sizes["K"],
-                threshold="i32")
-    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args,
-                dict(BLOCK_M=32, BLOCK_K=128), 4, 1, mma_expected=False, archs=ARCHS)]
+    args = dict(seed_ptr="*i64", out_ptr="*i8", M=sizes["M"], K=sizes["K"], stride_om=sizes["K"], threshold="i32")
+    return [
+        Job(
+            "_dropout_mask_kernel",
+            "dropout",
+            "32x128 w4",
+            "p>0",
+            args,
+            dict(BLOCK_M=32, BLOCK_K=128),
+            4,
+            1,
+            mma_expected=False,
+            archs=ARCHS,
+        )
+    ]
 
 
 def all_jobs(sizes: dict) -> list[Job]:

@@ -37,6 +37,26 @@ def _k():
     return _kernels
 
 
+class _MetaKernels:
+    """Stand-ins for the launchers on the meta device: they allocate what the kernels would return and
+    launch nothing, so shapes, dtypes and what autograd saves can be traced at full size for free (the
+    benchmark's memory table, model-size estimates, meta-device initialisation)."""
+
+    @staticmethod
+    def shrink(x, lora_A, **_):
+        return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+    @staticmethod
+    def lora_gemm(p, q, l, r, **_):
+        return p.new_empty((p.shape[0], q.shape[1]))
+
+    @staticmethod
+    def lora_grad(dy, lora_B, xa, x, *, need_g=True, need_dA=True, need_dB=True, **_):
+        (M, N), K, R = dy.shape, x.shape[1], lora_B.shape[1]
+        new = lambda *s: dy.new_empty(s, dtype=torch.float32)
+        return new(M, R) if need_g else None, new(R, K) if need_dA else None, new(N, R) if need_dB else None
+
+
 def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -44,6 +64,8 @@ def _on_device(t: torch.Tensor):
 def _draw_seed(device: torch.device) -> torch.Tensor:
     """A Philox seed from torch's generator for `device`, kept on that device (no host sync), so
     torch.manual_seed makes runs reproducible and activation checkpointing replays the same mask."""
+    if device.type == "meta":
+        return torch.empty(1, dtype=torch.int64, device=device)
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
@@ -51,12 +73,11 @@ class LoRALinearFunction(torch.autograd.Function):
     """autograd for the fused kernels. Use :func:`lora_linear`, which checks inputs and picks a backend."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float,
-                deterministic: bool):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool):
         K, N = x.shape[-1], weight.shape[0]
         x2 = x.reshape(-1, K)  # a view unless x's leading dims cannot be flattened
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
-        k = _k()
+        k = _MetaKernels if x.device.type == "meta" else _k()
         with _on_device(x):
             xa = k.shrink(x2, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
             y2 = k.lora_gemm(x2, weight.t(), xa, lora_B.t(), scale=scaling, bias=bias)
@@ -73,12 +94,22 @@ class LoRALinearFunction(torch.autograd.Function):
         K, N = x.shape[-1], weight.shape[0]
         x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
         dx = dw = dbias = dA = dB = None
-        k = _k()
+        k = _MetaKernels if x.device.type == "meta" else _k()
         with _on_device(x):
             if need_x or need_A or need_B:
-                g, dA, dB = k.lora_grad(dy2, lora_B, xa, x2, scaling=s, dropout_p=p, seed=seed,
-                                        need_g=need_x, need_dA=need_A, need_dB=need_B,
-                                        deterministic=ctx.deterministic)
+                g, dA, dB = k.lora_grad(
+                    dy2,
+                    lora_B,
+                    xa,
+                    x2,
+                    scaling=s,
+                    dropout_p=p,
+                    seed=seed,
+                    need_g=need_x,
+                    need_dA=need_A,
+                    need_dB=need_B,
+                    deterministic=ctx.deterministic,
+                )
             if need_x:
                 dx = k.lora_gemm(dy2, weight, g, lora_A, scale=s / (1.0 - p), dropout_p=p, seed=seed)
                 dx = dx.view(x.shape)
@@ -136,8 +167,9 @@ def lora_linear(
         check_kernel_dtypes(x)
         if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p,
-                                        torch.are_deterministic_algorithms_enabled())
+        return LoRALinearFunction.apply(
+            x, weight, bias, lora_A, lora_B, scaling, p, torch.are_deterministic_algorithms_enabled()
+        )
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -107,9 +107,18 @@ class LoRALinear(nn.Linear):
         w = linear.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
-                    lora_dropout=lora_dropout, bias=False, use_rslora=use_rslora,
-                    merge_weights=merge_weights, device="meta", dtype=w.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=False,
+            use_rslora=use_rslora,
+            merge_weights=merge_weights,
+            device="meta",
+            dtype=w.dtype,
+        )
         layer.weight = w
         layer.bias = linear.bias
         if r > 0:
@@ -162,9 +171,12 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return F.linear(x, self._weight_nk(), self.bias)
-        return lora_linear(x, self._weight_nk(), self.lora_A, self.lora_B, self.scaling, self.bias,
-                           self.lora_dropout_p, self.training)
+        return lora_linear(
+            x, self._weight_nk(), self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_dropout_p, self.training
+        )
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={self.lora_dropout_p}, use_rslora={self.use_rslora}, merged={self.merged}")
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"lora_dropout={self.lora_dropout_p}, use_rslora={self.use_rslora}, merged={self.merged}"
+        )

@@ -68,13 +68,17 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
     N = weight.shape[0]
     r = lora_A.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"x's last dimension is {K}, but weight {_shape(weight)} expects in_features = "
-                         f"{weight.shape[1]} (x has shape {_shape(x)})")
+        raise ValueError(
+            f"x's last dimension is {K}, but weight {_shape(weight)} expects in_features = "
+            f"{weight.shape[1]} (x has shape {_shape(x)})"
+        )
     if lora_A.shape[1] != K:
         raise ValueError(f"lora_A {_shape(lora_A)} must be [r, in_features] = [r, {K}]")
     if tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_B {_shape(lora_B)} must be [out_features, r] = [{N}, {r}] to match "
-                         f"weight {_shape(weight)} and lora_A {_shape(lora_A)}")
+        raise ValueError(
+            f"lora_B {_shape(lora_B)} must be [out_features, r] = [{N}, {r}] to match "
+            f"weight {_shape(weight)} and lora_A {_shape(lora_A)}"
+        )
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias {_shape(bias)} must be [out_features] = [{N}]")
 
@@ -87,18 +91,22 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: cast one to the other, or run "
-                        f"under torch.autocast, as nn.Linear requires")
+        raise TypeError(
+            f"weight is {weight.dtype} but x is {x.dtype}: cast one to the other, or run "
+            f"under torch.autocast, as nn.Linear requires"
+        )
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {x.dtype} "
-                        f"or torch.float32")
+        raise TypeError(
+            f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {x.dtype} or torch.float32"
+        )
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {x.dtype} or torch.float32")
 
 
 def check_kernel_dtypes(x: torch.Tensor) -> None:
     if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the triton backend supports {KERNEL_DTYPES}, got x in {x.dtype}; use the "
-                        f"'reference' backend for float64")
+        raise TypeError(
+            f"the triton backend supports {KERNEL_DTYPES}, got x in {x.dtype}; use the 'reference' backend for float64"
+        )

@@ -152,18 +152,23 @@ def keep_grad(c: GradConfig, elem_bytes: int, r_block: int, arch: int) -> bool:
     return _keep_stream(c, elem_bytes, r_block, arch)
 
 
-def deterministic_config(kind: str, elem_bytes: int, r: int, arch: int) -> dict:
-    """A fixed launch configuration for deterministic mode (``torch.use_deterministic_algorithms``):
-    no K split in the shrink (no atomics), and for grad the admitted config with the tallest row band
-    (its per-band partial sums, summed on the host in a fixed order, cost bands x (N + K) x r x 4 bytes).
-    """
+def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int):
+    """The table entry deterministic mode (``torch.use_deterministic_algorithms``) launches: for the
+    shrink, one without a K split (no atomics); for grad, the admitted one with the tallest row band (its
+    per-band partial sums, summed on the host in a fixed order, cost bands x (N + K) x r x 4 bytes)."""
     if kind == "shrink":
         table, keep = [c for c in SHRINK if c.SPLIT_K == 1], keep_shrink
-        interp = SHRINK_INTERPRET._replace(SPLIT_K=1)
     else:
         table, keep = sorted(GRAD, key=lambda c: -c.BLOCK_M), keep_grad
-        interp = GRAD_INTERPRET
-    c = interp if interpreting() else next(c for c in table if keep(c, elem_bytes, r, arch))
+    return next(c for c in table if keep(c, elem_bytes, r, arch))
+
+
+def deterministic_config(kind: str, elem_bytes: int, r: int, arch: int) -> dict:
+    """Launch keywords for :func:`deterministic_entry` (a small fixed one under the interpreter)."""
+    if interpreting():
+        c = SHRINK_INTERPRET._replace(SPLIT_K=1) if kind == "shrink" else GRAD_INTERPRET
+    else:
+        c = deterministic_entry(kind, elem_bytes, r, arch)
     return dict(_as_triton(c).all_kwargs())
 
 

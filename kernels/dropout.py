@@ -40,10 +40,14 @@ def keep_mask(seed, offs_m, k_start, threshold, BLOCK_M: tl.constexpr, BLOCK_K: 
 
 @triton.jit(do_not_specialize=["threshold"])
 def _dropout_mask_kernel(
-    seed_ptr, out_ptr,  # pointers: int64 [1] seed, int8 [M, K] output
-    M, K, stride_om,  # sizes and strides
+    seed_ptr,
+    out_ptr,  # pointers: int64 [1] seed, int8 [M, K] output
+    M,
+    K,
+    stride_om,  # sizes and strides
     threshold,  # drop_threshold(p)
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,  # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # meta-parameters
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -68,6 +72,16 @@ def dropout_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.
         return out.bool()
     block_m, block_k = (16, 32) if interpreting() else (32, 128)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
-    launch(_dropout_mask_kernel, grid, seed, out, M, K, out.stride(0), drop_threshold(dropout_p),
-           BLOCK_M=block_m, BLOCK_K=block_k)
+    launch(
+        _dropout_mask_kernel,
+        grid,
+        seed,
+        out,
+        M,
+        K,
+        out.stride(0),
+        drop_threshold(dropout_p),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
     return out.bool()

@@ -26,9 +26,24 @@ from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, tile_
 
 
 @triton.jit
-def _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, row_ok, col_ok, R, stride_lm, stride_lr, stride_rr,
-                  stride_rn, scale, R_CHUNK: tl.constexpr, LORA_DTYPE: tl.constexpr,
-                  FP32_PRECISION: tl.constexpr):
+def _add_low_rank(
+    acc,
+    l_ptr,
+    r_ptr,
+    offs_m,
+    offs_n,
+    row_ok,
+    col_ok,
+    R,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rn,
+    scale,
+    R_CHUNK: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+):
     """acc + scale · L[offs_m, :R] · R[:R, offs_n], the rank walked in R_CHUNK slices (scale folded
     into L in fp32, then L cast to LORA_DTYPE). Not pipelined: a rank up to 16 is one slice."""
     offs_c = tl.arange(0, R_CHUNK)
@@ -53,18 +68,43 @@ def _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, row_ok, col_ok, R, stride_l
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _lora_gemm_kernel(
     # pointers
-    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, seed_ptr,
+    p_ptr,
+    q_ptr,
+    l_ptr,
+    r_ptr,
+    bias_ptr,
+    out_ptr,
+    seed_ptr,
     # sizes
-    M, N, K, R, M_BUCKET,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
     # strides
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
-    stride_om, stride_on,
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qn,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rn,
+    stride_om,
+    stride_on,
     # scalars: low-rank scale, floor(p·2^31)
-    scale, threshold,
+    scale,
+    threshold,
     # meta-parameters
-    R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,8 +116,24 @@ def _lora_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DROPOUT:
         # dX: start from the masked low-rank term, so it never needs a second [BLOCK_M, BLOCK_N] buffer.
-        acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, row_ok, col_ok, R, stride_lm, stride_lr,
-                            stride_rr, stride_rn, scale, R_CHUNK, LORA_DTYPE, FP32_PRECISION)
+        acc = _add_low_rank(
+            acc,
+            l_ptr,
+            r_ptr,
+            offs_m,
+            offs_n,
+            row_ok,
+            col_ok,
+            R,
+            stride_lm,
+            stride_lr,
+            stride_rr,
+            stride_rn,
+            scale,
+            R_CHUNK,
+            LORA_DTYPE,
+            FP32_PRECISION,
+        )
         keep = keep_mask(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc, 0.0)
 
@@ -95,8 +151,24 @@ def _lora_gemm_kernel(
     if not DROPOUT:
         # y: the low-rank term goes in the epilogue. (Chaining the prologue's and the main loop's MMAs
         # into one accumulator made ptxas serialize every wgmma on sm_90a.)
-        acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, row_ok, col_ok, R, stride_lm, stride_lr,
-                            stride_rr, stride_rn, scale, R_CHUNK, LORA_DTYPE, FP32_PRECISION)
+        acc = _add_low_rank(
+            acc,
+            l_ptr,
+            r_ptr,
+            offs_m,
+            offs_n,
+            row_ok,
+            col_ok,
+            R,
+            stride_lm,
+            stride_lr,
+            stride_rr,
+            stride_rn,
+            scale,
+            R_CHUNK,
+            LORA_DTYPE,
+            FP32_PRECISION,
+        )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
@@ -132,13 +204,36 @@ def lora_gemm(
     dropout = dropout_p > 0.0
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(
-        _lora_gemm_kernel, grid,
-        p, q, l, r, bias if bias is not None else out, out, seed if dropout else out,
-        M, N, K, R, bucket(M),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1),
-        r.stride(0), r.stride(1), out.stride(0), out.stride(1),
-        float(scale), drop_threshold(dropout_p),
-        R_CHUNK=GEMM_R_CHUNK, HAS_BIAS=bias is not None, DROPOUT=dropout,
-        LORA_DTYPE=lora_compute_dtype(p.dtype, r.dtype), FP32_PRECISION=fp32_dot_precision(p.dtype),
+        _lora_gemm_kernel,
+        grid,
+        p,
+        q,
+        l,
+        r,
+        bias if bias is not None else out,
+        out,
+        seed if dropout else out,
+        M,
+        N,
+        K,
+        R,
+        bucket(M),
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        l.stride(0),
+        l.stride(1),
+        r.stride(0),
+        r.stride(1),
+        out.stride(0),
+        out.stride(1),
+        float(scale),
+        drop_threshold(dropout_p),
+        R_CHUNK=GEMM_R_CHUNK,
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout,
+        LORA_DTYPE=lora_compute_dtype(p.dtype, r.dtype),
+        FP32_PRECISION=fp32_dot_precision(p.dtype),
     )
     return out

@@ -25,28 +25,75 @@ from .configs import deterministic_config, device_arch, grad_configs, grad_r_blo
 from .dropout import drop_threshold, keep_mask
 from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_pad
 
+_KEY = [
+    "M_BUCKET",
+    "N",
+    "K",
+    "R_BLOCK",
+    "STORE_G",
+    "COMPUTE_DB",
+    "COMPUTE_DA",
+    "DROPOUT",
+    "LORA_DTYPE",
+    "FP32_PRECISION",
+]
 
-_KEY = ["M_BUCKET", "N", "K", "R_BLOCK", "STORE_G", "COMPUTE_DB", "COMPUTE_DA", "DROPOUT", "LORA_DTYPE",
-        "FP32_PRECISION"]
 
-
-@triton.autotune(configs=grad_configs(), key=_KEY, prune_configs_by={"early_config_prune": prune_grad},
-                 reset_to_zero=["db_ptr", "da_ptr"])
+@triton.autotune(
+    configs=grad_configs(),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": prune_grad},
+    reset_to_zero=["db_ptr", "da_ptr"],
+)
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _lora_grad_kernel(
     # pointers
-    dy_ptr, b_ptr, xa_ptr, x_ptr, g_ptr, db_ptr, da_ptr, seed_ptr,
+    dy_ptr,
+    b_ptr,
+    xa_ptr,
+    x_ptr,
+    g_ptr,
+    db_ptr,
+    da_ptr,
+    seed_ptr,
     # sizes
-    M, N, K, R, M_BUCKET,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
     # strides (db/da carry a leading per-program stride, 0 unless deterministic)
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_xm, stride_xk,
-    stride_gm, stride_gr, stride_dbp, stride_dbn, stride_dbr, stride_dap, stride_dar, stride_dak,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_xam,
+    stride_xar,
+    stride_xm,
+    stride_xk,
+    stride_gm,
+    stride_gr,
+    stride_dbp,
+    stride_dbn,
+    stride_dbr,
+    stride_dap,
+    stride_dar,
+    stride_dak,
     # scalars: s, s/(1-p), floor(p·2^31)
-    scale_db, scale_da, threshold,
+    scale_db,
+    scale_da,
+    threshold,
     # meta-parameters
-    R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, LORA_DTYPE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    STORE_G: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    COMPUTE_DA: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,8 +108,11 @@ def _lora_grad_kernel(
 
     # Pass 1 over the dY band: g += dY·B and, per tile, partial dB = s·dYᵀ·xa.
     if COMPUTE_DB:
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        xa = tl.load(
+            xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
         xa = (xa * scale_db).to(LORA_DTYPE)
     g = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -70,10 +120,16 @@ def _lora_grad_kernel(
         nb = (i + pid) % num_n
         offs_n = nb * BLOCK_N + offs_t
         col_ok = offs_n < N
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(LORA_DTYPE)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        dy = tl.load(
+            dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(LORA_DTYPE)
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
         g = tl.dot(dy, b.to(LORA_DTYPE), g, input_precision=FP32_PRECISION)
         if COMPUTE_DB:
             part = tl.dot(tl.trans(dy), xa, input_precision=FP32_PRECISION)
@@ -84,8 +140,11 @@ def _lora_grad_kernel(
             else:
                 tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
     if STORE_G:
-        tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g,
-                 mask=row_ok[:, None] & rank_ok[None, :])
+        tl.store(
+            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            g,
+            mask=row_ok[:, None] & rank_ok[None, :],
+        )
 
     # Pass 2 over the x band: partial dA = s/(1-p) · gᵀ·drop(x).
     if COMPUTE_DA:
@@ -97,8 +156,11 @@ def _lora_grad_kernel(
             kb = (i + pid) % num_k
             offs_k = kb * BLOCK_N + offs_t
             col_ok = offs_k < K
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(
+                x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             if DROPOUT:
                 x = tl.where(keep_mask(seed, offs_m, kb * BLOCK_N, threshold, BLOCK_M, BLOCK_N), x, 0.0)
             part = tl.dot(gt, x.to(LORA_DTYPE), input_precision=FP32_PRECISION)
@@ -134,8 +196,7 @@ def lora_grad(
     dev = dy.device
     if M == 0:
         zeros = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)
-        return (zeros(0, R) if need_g else None, zeros(R, K) if need_dA else None,
-                zeros(N, R) if need_dB else None)
+        return (zeros(0, R) if need_g else None, zeros(R, K) if need_dA else None, zeros(N, R) if need_dB else None)
 
     r_block = grad_r_block(rank_pad(R), dy.element_size())
     if deterministic:
@@ -154,17 +215,49 @@ def lora_grad(
     g = torch.empty((M, R), dtype=torch.float32, device=dev) if need_g else xa
     dropout = dropout_p > 0.0
     launch(
-        kernel, grid,
-        dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
-        M, N, K, R, bucket(M),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
-        da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
-        float(scaling), float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p),
-        R_BLOCK=r_block, STORE_G=need_g, COMPUTE_DB=need_dB, COMPUTE_DA=need_dA, DROPOUT=dropout,
-        DETERMINISTIC=deterministic, LORA_DTYPE=lora_compute_dtype(dy.dtype, lora_B.dtype),
-        FP32_PRECISION=fp32_dot_precision(dy.dtype), **cfg,
+        kernel,
+        grid,
+        dy,
+        lora_B,
+        xa,
+        x,
+        g,
+        db,
+        da,
+        seed if dropout else xa,
+        M,
+        N,
+        K,
+        R,
+        bucket(M),
+        dy.stride(0),
+        dy.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        xa.stride(0),
+        xa.stride(1),
+        x.stride(0),
+        x.stride(1),
+        g.stride(0),
+        g.stride(1),
+        db.stride(0) if deterministic else 0,
+        db.stride(1),
+        db.stride(2),
+        da.stride(0) if deterministic else 0,
+        da.stride(1),
+        da.stride(2),
+        float(scaling),
+        float(scaling) / (1.0 - dropout_p),
+        drop_threshold(dropout_p),
+        R_BLOCK=r_block,
+        STORE_G=need_g,
+        COMPUTE_DB=need_dB,
+        COMPUTE_DA=need_dA,
+        DROPOUT=dropout,
+        DETERMINISTIC=deterministic,
+        LORA_DTYPE=lora_compute_dtype(dy.dtype, lora_B.dtype),
+        FP32_PRECISION=fp32_dot_precision(dy.dtype),
+        **cfg,
     )
     reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
     return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)

@@ -5,8 +5,9 @@
 
 One pass over x: each program owns BLOCK_M rows and a 1/SPLIT_K share of the K blocks (strided), so
 drop(x) exists only in registers. SPLIT_K > 1 keeps the GPU full when M is small (programs add their
-partial products atomically into a zeroed xa; the configuration's pre-hook zeroes it). xa feeds the fused GEMM's epilogue (y += s·xa·Bᵀ) and is kept for backward
-(dB = s·dYᵀ·xa), so the backward never reads x or draws the mask for it again.
+partial products atomically into a zeroed xa; the configuration's pre-hook zeroes it). xa feeds the
+fused GEMM's epilogue (y += s·xa·Bᵀ) and is kept for backward (dB = s·dYᵀ·xa), so the backward never
+reads x or draws the mask for it again.
 """
 
 from __future__ import annotations
@@ -28,16 +29,33 @@ from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _shrink_kernel(
     # pointers
-    x_ptr, a_ptr, xa_ptr, seed_ptr,
+    x_ptr,
+    a_ptr,
+    xa_ptr,
+    seed_ptr,
     # sizes
-    M, K, R, M_BUCKET,
+    M,
+    K,
+    R,
+    M_BUCKET,
     # strides
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_om,
+    stride_or,
     # dropout: floor(p·2^31) and 1/(1-p)
-    threshold, keep_scale,
+    threshold,
+    keep_scale,
     # meta-parameters
-    R_PAD: tl.constexpr, DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,8 +90,14 @@ def _shrink_kernel(
         tl.atomic_add(out_ptrs, acc, mask=row_ok & rank_ok, sem="relaxed")
 
 
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0,
-           seed: torch.Tensor | None = None, deterministic: bool = False) -> torch.Tensor:
+def shrink(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
     """xa = drop(x)·Aᵀ as fp32 [M, r], for x [M, K] and lora_A [r, K] (any strides).
 
     dropout_p > 0 needs `seed` (int64 [1] on x's device); the mask is the one :func:`dropout_mask` gives.
@@ -92,13 +116,28 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0,
         cfg, kernel = {}, _shrink_kernel
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
     launch(
-        kernel, grid,
-        x, lora_A, xa, seed if dropout else xa,
-        M, K, R, bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        R_PAD=rank_pad(R), DROPOUT=dropout,
-        LORA_DTYPE=lora_compute_dtype(x.dtype, lora_A.dtype), FP32_PRECISION=fp32_dot_precision(x.dtype),
+        kernel,
+        grid,
+        x,
+        lora_A,
+        xa,
+        seed if dropout else xa,
+        M,
+        K,
+        R,
+        bucket(M),
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        xa.stride(0),
+        xa.stride(1),
+        drop_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p),
+        R_PAD=rank_pad(R),
+        DROPOUT=dropout,
+        LORA_DTYPE=lora_compute_dtype(x.dtype, lora_A.dtype),
+        FP32_PRECISION=fp32_dot_precision(x.dtype),
         **cfg,
     )
     return xa

@@ -19,8 +19,9 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def assert_close_to_ref(name: str, got: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor,
-                        dtype: torch.dtype | None = None) -> None:
+def assert_close_to_ref(
+    name: str, got: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
     """Check `got` against the float64 reference by the rule above; on failure say where and by how much."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
     dtype = dtype or got.dtype
@@ -42,8 +43,18 @@ def assert_close_to_ref(name: str, got: torch.Tensor, ref64: torch.Tensor, same:
         )
 
 
-def lora_inputs(M: int, K: int, N: int, r: int, dtype=torch.float32, lora_dtype=None, bias=True,
-                device="cpu", lead: tuple[int, ...] | None = None, scale_b: float = 0.5):
+def lora_inputs(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    dtype=torch.float32,
+    lora_dtype=None,
+    bias=True,
+    device="cpu",
+    lead: tuple[int, ...] | None = None,
+    scale_b: float = 0.5,
+):
     """x [*lead or M, K], W [N, K], A [r, K], B [N, r] (non-zero, so the low-rank term is tested), bias [N]."""
     lora_dtype = lora_dtype or dtype
     shape = (*lead, K) if lead else (M, K)

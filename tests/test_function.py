@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import lora_inputs
 
 import fused_lora
 from fused_lora import reference
 from fused_lora.function import _draw_seed
 from fused_lora.kernels import dropout_mask
+
+from helpers import lora_inputs
 
 P = 0.3
 SEED = 99
@@ -136,12 +137,11 @@ def test_autocast_reference_path_cpu():
         y = fused_lora.lora_linear(x, w, a, b, 1.0, bias=bias)
         lin = torch.nn.functional.linear(x, w, bias)
     assert y.dtype == lin.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), reference.lora_linear(x, w, a, b, 1.0, bias).float(),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), reference.lora_linear(x, w, a, b, 1.0, bias).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_backend_selection(monkeypatch):
-    x, w, a, b, bias = lora_inputs(5, 8, 6, 2)
+    x, w, a, b, _ = lora_inputs(5, 8, 6, 2)
     monkeypatch.setenv("FUSED_LORA_BACKEND", "reference")
     with fused_lora.use_backend("auto"):
         assert fused_lora.backend.resolve_backend(torch.device("cpu")) == "reference"

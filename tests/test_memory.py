@@ -11,26 +11,12 @@ import torch
 
 import fused_lora
 from fused_lora import LoRALinear
+from fused_lora.bench.measure import nbytes, saved_for_backward
 
 
 def kept_for_backward(layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors autograd saved during layer(x) whose storage is neither a parameter's nor x's."""
-    saved: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    owned.add(x.untyped_storage().data_ptr())
-    unique = {t.untyped_storage().data_ptr(): t for t in saved if t.untyped_storage().data_ptr() not in owned}
-    return list(unique.values())
-
-
-def nbytes(ts) -> int:
-    return sum(t.untyped_storage().nbytes() for t in ts)
+    """What autograd saved during layer(x) beyond the parameters and x itself."""
+    return saved_for_backward(lambda: layer(x), [*layer.parameters(), x])
 
 
 def test_fused_keeps_only_x_and_the_rank_product(device):
@@ -46,3 +32,15 @@ def test_fused_keeps_only_x_and_the_rank_product(device):
         unfused = kept_for_backward(layer, x)
     assert nbytes(unfused) >= M * K * x.element_size(), "the unfused path keeps a dropped copy of x"
     assert nbytes(extra) < nbytes(unfused) / 5
+
+
+def test_meta_device_traces_the_real_function_at_full_size():
+    """On the meta device the fused Function saves exactly what it saves on a GPU, at any size, for free."""
+    M, K, N, r = 8192, 4096, 4096, 16
+    layer = LoRALinear(K, N, r=r, lora_dropout=0.1, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(M, K, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    extra = kept_for_backward(layer, x)
+    assert sorted(tuple(t.shape) for t in extra) == [(1,), (M, r)]
+    y = layer(x)
+    y.backward(torch.empty_like(y))
+    assert x.grad.shape == x.shape and layer.lora_A.grad.shape == layer.lora_A.shape

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, f64, lora_inputs
 
 import fused_lora
 from fused_lora import reference
 from fused_lora.function import _draw_seed
 from fused_lora.kernels import LAUNCHES, dropout_mask
+
+from helpers import assert_close_to_ref, f64, lora_inputs
 
 RANKS = [1, 7, 16, 64, 128]
 # (x/W dtype, adapter dtype): plain fp32, plain fp16, and PEFT's mixed precision (fp32 adapters).
@@ -52,8 +53,7 @@ def check_parity(x, w, a, b, bias, s, p):
     mask = got[-1]
     ref64 = run_reference(*f64(x, w, a, b, bias), s, p, dy.double(), mask)
     same = run_reference(x, w, a, b, bias, s, p, dy, mask)
-    for name, g, r, t, dt in zip(("y", "dX", "dA", "dB"), got[:4], ref64, same,
-                                 (x.dtype, x.dtype, a.dtype, b.dtype)):
+    for name, g, r, t, dt in zip(("y", "dX", "dA", "dB"), got[:4], ref64, same, (x.dtype, x.dtype, a.dtype, b.dtype)):
         assert g.dtype == dt, f"{name} came back in {g.dtype}, expected {dt}"
         assert_close_to_ref(name, g, r, t)
 

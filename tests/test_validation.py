@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import lora_inputs
 
 import fused_lora
+
+from helpers import lora_inputs
 
 
 @pytest.fixture

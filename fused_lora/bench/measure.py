@@ -1,0 +1,63 @@
+"""Measurements shared by the benchmark and the tests: time, peak memory, bytes kept for backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def saved_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors autograd saves while running fn(), minus those that are (views of) `exclude` — the
+    parameters and the input, which exist anyway. Deduplicated; meta tensors compare by identity."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    owned = list(exclude)
+    out: list[torch.Tensor] = []
+    for t in saved:
+        if not _shares_memory(t, owned) and not _shares_memory(t, out):
+            out.append(t)
+    return out
+
+
+def _shares_memory(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    """t is one of `others` or a view of one. Meta tensors have no addresses: identity and view bases."""
+    base = t
+    while base is not None:
+        if any(base is o or base is o._base for o in others):
+            return True
+        base = base._base
+    if t.device.type == "meta":
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.device == t.device and ptr == o.untyped_storage().data_ptr() for o in others)
+
+
+def nbytes(ts: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def time_ms(
+    fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None, warmup: int = 25, rep: int = 100
+) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds by triton.testing.do_bench (CUDA events, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return float(med), float(p20), float(p80)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory allocated during fn() above what was allocated before it (CUDA only)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

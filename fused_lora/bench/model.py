@@ -1,0 +1,150 @@
+"""The FLOP and byte model of every provider, pass by pass, and the roofline time it implies.
+
+A *pass* is one kernel (or one cuBLAS call) with the FLOPs it must do and the fewest bytes it must move
+(each operand read once, each output written once). Its roofline time is max(FLOPs / peak, bytes / BW);
+a provider's time is the sum over its passes (they run one after another). See docs/design.md for the
+same arithmetic written out at M=8192, K=N=4096, r=16.
+
+Shapes: x [M, K], W [N, K], A [r, K], B [N, r]; e = bytes per activation element, ea = per adapter
+element; d = dropout on. The base weight is frozen (no dW), as in LoRA training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("fwd", "bwd", "fwdbwd")
+PROVIDERS = ("fused", "peft", "addmm", "floor")
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    tflops: float  # dense 16-bit tensor-core peak (datasheet)
+    tbps: float  # HBM bandwidth, TB/s (datasheet)
+
+
+GPUS = {
+    "h100": GPUSpec("H100 SXM", 989.0, 3.35),
+    "h200": GPUSpec("H200", 989.0, 4.8),
+    "a100": GPUSpec("A100 SXM", 312.0, 2.04),
+}
+
+
+def gpu_spec_for(device_name: str | None) -> GPUSpec:
+    """The spec whose key appears in a CUDA device name ('NVIDIA H100 80GB HBM3' -> h100); H100 else."""
+    name = (device_name or "").lower()
+    return next((spec for key, spec in GPUS.items() if key in name), GPUS["h100"])
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    flops: float
+    bytes: float
+
+    def ms(self, gpu: GPUSpec) -> float:
+        return max(self.flops / (gpu.tflops * 1e12), self.bytes / (gpu.tbps * 1e12)) * 1e3
+
+
+def useful_flops(mode: str, M: int, K: int, N: int, r: int) -> float:
+    """The math a LoRA layer must do (base + low-rank), the same for every provider: TFLOP/s divide this.
+    Forward 2MNK + 2MKr + 2MNr; backward dX (2MNK), g = dY·B and dB (2MNr each), dA and g·A (2MKr each)."""
+    fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
+    bwd = 2 * M * N * K + 4 * M * N * r + 4 * M * K * r
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+
+def floor_flops(mode: str, M: int, K: int, N: int) -> float:
+    gemm = 2 * M * N * K
+    return {"fwd": gemm, "bwd": gemm, "fwdbwd": 2 * gemm}[mode]
+
+
+def passes(
+    provider: str, mode: str, M: int, K: int, N: int, r: int, e: int = 2, ea: int = 2, dropout: bool = False
+) -> list[Pass]:
+    """The passes `provider` runs for `mode`."""
+    fwd, bwd = _PASSES[provider](M, K, N, r, e, ea, dropout)
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+
+def roofline_ms(ps: list[Pass], gpu: GPUSpec) -> float:
+    return sum(p.ms(gpu) for p in ps)
+
+
+def _gemm(name, M, N, K, e, out_e=None):
+    """out [M, N] = a [M, K] · b [K, N]."""
+    return Pass(name, 2 * M * N * K, e * (M * K + K * N) + (out_e or e) * M * N)
+
+
+def _floor(M, K, N, r, e, ea, d):
+    return [_gemm("x·Wᵀ", M, N, K, e)], [_gemm("dY·W", M, K, N, e)]
+
+
+def _fused(M, K, N, r, e, ea, d):
+    fwd = [
+        Pass("shrink drop(x)·Aᵀ", 2 * M * K * r, e * M * K + ea * r * K + 4 * M * r),
+        Pass(
+            "GEMM + low-rank epilogue",
+            2 * M * N * K + 2 * M * N * r,
+            e * (M * K + N * K + M * N) + 4 * M * r + ea * N * r,
+        ),
+    ]
+    bwd = [
+        Pass(
+            "dY pass (g, dB) + x pass (dA)",
+            4 * M * N * r + 2 * M * K * r,
+            e * (M * N + M * K) + 4 * 2 * M * r + 4 * (N + K) * r,
+        ),
+        Pass(
+            "dX GEMM + low-rank prologue",
+            2 * M * N * K + 2 * M * K * r,
+            e * (M * N + N * K + M * K) + 4 * M * r + ea * r * K,
+        ),
+    ]
+    return fwd, bwd
+
+
+def _peft(M, K, N, r, e, ea, d):
+    """result = base(x) + lora_B(lora_A(dropout(x))) * scaling, and autograd's backward of it."""
+    fwd = [_gemm("x·Wᵀ", M, N, K, e)]
+    if d:
+        fwd.append(Pass("dropout (x_d, mask)", 0, e * M * K * 2 + M * K))
+    fwd += [
+        _gemm("x_d·Aᵀ", M, r, K, e),
+        _gemm("xa·Bᵀ", M, N, r, e),
+        Pass("·scaling", M * N, 2 * e * M * N),
+        Pass("y + t", M * N, 3 * e * M * N),
+    ]
+    bwd = [
+        _gemm("dX = dY·W", M, K, N, e),
+        Pass("dt = dY·scaling", M * N, 2 * e * M * N),
+        _gemm("dB = dtᵀ·xa", N, r, M, e),
+        _gemm("dxa = dt·B", M, r, N, e),
+        _gemm("dA = dxaᵀ·x_d", r, K, M, e),
+        _gemm("dx_d = dxa·A", M, K, r, e),
+    ]
+    if d:
+        bwd.append(Pass("dropout backward", M * K, e * M * K * 2 + M * K))
+    bwd.append(Pass("dX += dx_d", M * K, 3 * e * M * K))
+    return fwd, bwd
+
+
+def _addmm(M, K, N, r, e, ea, d):
+    """Unsloth's cuBLAS chain: y = x@Wᵀ; y.addmm_(x@Aᵀ, Bᵀ, alpha=s), and its matching backward."""
+    fwd = [
+        _gemm("x·Wᵀ", M, N, K, e),
+        _gemm("xa = x·Aᵀ", M, r, K, e),
+        Pass("y.addmm_(xa, Bᵀ)", 2 * M * N * r, e * (2 * M * N + M * r + N * r)),
+    ]
+    bwd = [
+        _gemm("dX = dY·W", M, K, N, e),
+        _gemm("g = dY·B", M, r, N, e),
+        Pass("dX.addmm_(g, A)", 2 * M * K * r, e * (2 * M * K + M * r + r * K)),
+        _gemm("dA = gᵀ·x", r, K, M, e),
+        _gemm("dB = dYᵀ·xa", N, r, M, e),
+    ]
+    return fwd, bwd
+
+
+_PASSES = {"fused": _fused, "peft": _peft, "addmm": _addmm, "floor": _floor}

@@ -1,0 +1,157 @@
+"""What the benchmark can say without a GPU: a smoke run through the interpreter (correctness, no speed),
+the bytes kept for backward at full size (meta device, real autograd), and the modelled times."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+import fused_lora
+
+from . import model
+from .cli import format_table, modelled
+from .measure import nbytes, saved_for_backward
+from .providers import Case, NotApplicable, build, make_weights
+
+SMOKE = [Case("smoke", 48, 40, 56, 8, torch.float32, torch.float32, p, "cpu") for p in (0.0, 0.1)]
+
+MEMORY_COLUMNS = [
+    ("shape", "shape", "s"),
+    ("M", "M", "d"),
+    ("K", "K", "d"),
+    ("N", "N", "d"),
+    ("r", "r", "d"),
+    ("p", "dropout", "g"),
+    ("provider", "provider", "s"),
+    ("saved MB", "saved_mb", ".2f"),
+    ("note", "note", "s"),
+]
+MODEL_COLUMNS = [
+    ("shape", "shape", "s"),
+    ("M", "M", "d"),
+    ("r", "r", "d"),
+    ("p", "dropout", "g"),
+    ("mode", "mode", "s"),
+    ("provider", "provider", "s"),
+    ("GFLOP", "model_gflop", ".1f"),
+    ("MB moved", "model_mb", ".0f"),
+    ("passes", "model_passes", "d"),
+    ("model ms", "model_ms", ".3f"),
+    ("x floor", "model_ratio_to_floor", ".3f"),
+    ("vs peft", "model_speedup_vs_peft", ".2f"),
+    ("vs addmm", "model_speedup_vs_addmm", ".2f"),
+]
+
+
+def smoke(providers: list[str]) -> None:
+    """Every provider, forward + backward, on a tiny case on the CPU (fused through the interpreter),
+    checked against the fp64 reference on the same weights (the dropout cases only for shape)."""
+    print("1. smoke run (CPU; fused = Triton interpreter) — correctness only, no speed claims")
+    for case in SMOKE:
+        w = make_weights(case)
+        ref = fused_lora.reference.lora_linear(
+            w["x"].double(), w["W"].double(), w["A"].double(), w["B"].double(), case.alpha / case.r
+        )
+        for name in providers:
+            try:
+                prov = build(name, case, w)
+            except (NotApplicable, ImportError) as e:
+                print(f"   p={case.dropout:g} {name:6s} n/a: {e}")
+                continue
+            y = prov.forward()
+            prov.backward()
+            ok = torch.isfinite(y).all() and torch.isfinite(prov.x.grad).all()
+            if case.dropout == 0 and name != "floor":
+                err = (y.double() - ref).abs().max().item()
+                ok = ok and err < 1e-3
+                detail = f"max |y - fp64 reference| = {err:.2e}"
+            else:
+                detail = "forward+backward ran, finite"
+            print(f"   p={case.dropout:g} {name:6s} {'ok' if ok else 'FAILED'}: {detail} ({prov.impl})")
+
+
+def memory_rows(cases: list[Case], providers: list[str], env: dict) -> list[dict]:
+    """Bytes kept for backward by one training forward, at full size, on the meta device."""
+    rows = []
+    seen = set()
+    for case in cases:
+        if (case.shape, case.M, case.r, case.dropout) in seen:
+            continue
+        seen.add((case.shape, case.M, case.r, case.dropout))
+        w = make_weights(case)
+        for name in providers:
+            row = {**env, **_case_fields(case), "provider": name, "mode": "saved", "speed_valid": False}
+            try:
+                prov = build(name, case, w)
+            except NotApplicable as e:
+                rows.append({**row, "note": f"n/a: {e}"})
+                continue
+            saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
+            rows.append(
+                {
+                    **row,
+                    "saved_mb": nbytes(saved) / 1e6,
+                    "note": prov.impl,
+                    "saved_shapes": [list(t.shape) for t in saved],
+                }
+            )
+    return rows
+
+
+def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):
+    rows = []
+    for case, mode in itertools.product(cases, modes):
+        group = {
+            name: {
+                **env,
+                **_case_fields(case),
+                "provider": name,
+                "mode": mode,
+                "speed_valid": False,
+                **modelled(case, name, mode, gpu),
+            }
+            for name in providers
+        }
+        if case.dropout > 0 and "addmm" in group:
+            group["addmm"]["note"] = "n/a with dropout"
+        ms = {n: r["model_ms"] for n, r in group.items() if not r.get("note")}
+        for r in group.values():
+            if r.get("note"):
+                continue
+            r["model_ratio_to_floor"] = r["model_ms"] / ms["floor"] if "floor" in ms else math.nan
+            r["model_speedup_vs_peft"] = ms["peft"] / r["model_ms"] if "peft" in ms else math.nan
+            r["model_speedup_vs_addmm"] = ms["addmm"] / r["model_ms"] if "addmm" in ms else None
+        rows += [r for r in group.values() if not r.get("note")]
+    return rows
+
+
+def _case_fields(case: Case) -> dict:
+    return {
+        "shape": case.shape,
+        "M": case.M,
+        "K": case.K,
+        "N": case.N,
+        "r": case.r,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "adapter_dtype": str(case.adapter_dtype).removeprefix("torch."),
+        "dropout": case.dropout,
+    }
+
+
+def run_offline(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):
+    smoke(providers)
+    print(
+        "\n2. bytes kept for backward by one training forward (measured: real autograd on the meta "
+        "device, full size; parameters and x itself excluded)"
+    )
+    mem = memory_rows(cases, providers, env)
+    print(format_table(mem, MEMORY_COLUMNS))
+    print(
+        f"\n3. modelled time on an {gpu.name} ({gpu.tflops:g} TFLOP/s, {gpu.tbps:g} TB/s): sum over each "
+        f"provider's passes of max(FLOPs/peak, bytes/bandwidth) — a limit, not a measurement"
+    )
+    mod = model_rows(cases, providers, modes, gpu, env)
+    print(format_table(mod, MODEL_COLUMNS))
+    return mem + mod

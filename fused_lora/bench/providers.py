@@ -1,0 +1,244 @@
+"""The ways people run a LoRA linear layer, built on identical weights, for side-by-side measurement.
+
+    fused  — ours: LoRALinear on the Triton kernels
+    peft   — Hugging Face PEFT's own lora.Linear when peft is installed, else the same formula in plain
+             PyTorch (fused_lora.reference); the row says which
+    addmm  — Unsloth's cuBLAS chain: y = x@Wᵀ; y.addmm_(x@Aᵀ, Bᵀ, alpha=s), with the matching backward
+             (no dropout: Unsloth's fast path requires lora_dropout = 0)
+    floor  — the bare base GEMM(s) through cuBLAS: what the layer costs with no adapter at all
+
+The base weight is frozen and there is no bias (Llama's projections), x requires grad (every layer but
+the first needs dX).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import fused_lora
+from fused_lora import reference
+
+SHAPES = {  # name: (in K, out N), from real models
+    "attn-7b": (4096, 4096),
+    "mlp-up-7b": (4096, 11008),
+    "mlp-down-7b": (11008, 4096),
+    "mlp-up-8b": (4096, 14336),
+    "mlp-down-8b": (14336, 4096),
+    "attn-70b": (8192, 8192),
+    "mlp-up-70b": (8192, 28672),
+    "mlp-down-70b": (28672, 8192),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    dropout: float
+    device: str
+
+    @property
+    def alpha(self) -> float:
+        return 2.0 * self.r  # s = 2, a common choice; the value does not change the cost
+
+
+class Provider:
+    """A module and an input; `forward()`, `backward()` (of the last forward), `fwdbwd()`."""
+
+    name = "?"
+    impl = ""
+
+    def __init__(self, case: Case, weights: dict[str, torch.Tensor]) -> None:
+        self.case = case
+        self.module = self.build(case, weights)
+        self.x = weights["x"].detach().clone().requires_grad_()
+        self.dy = weights["dy"]
+        self.y: torch.Tensor | None = None
+
+    def build(self, case: Case, w: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [self.x, *[p for p in self.module.parameters() if p.requires_grad]]
+
+    def forward(self) -> torch.Tensor:
+        self.y = self.module(self.x)
+        return self.y
+
+    def backward(self) -> None:
+        self.y.backward(self.dy, retain_graph=True)
+
+    def fwdbwd(self) -> None:
+        self.module(self.x).backward(self.dy)
+
+
+class Fused(Provider):
+    name, impl = "fused", "fused_lora (Triton)"
+
+    def build(self, case, w):
+        layer = fused_lora.LoRALinear(
+            case.K,
+            case.N,
+            r=case.r,
+            lora_alpha=case.alpha,
+            lora_dropout=case.dropout,
+            bias=False,
+            device=case.device,
+            dtype=case.dtype,
+            lora_dtype=case.adapter_dtype,
+        )
+        _load(layer.weight, w["W"]), _load(layer.lora_A, w["A"]), _load(layer.lora_B, w["B"])
+        return layer
+
+    def forward(self):
+        with fused_lora.use_backend("triton"):
+            return super().forward()
+
+    def fwdbwd(self):
+        with fused_lora.use_backend("triton"):
+            super().fwdbwd()
+
+
+class Peft(Provider):
+    name = "peft"
+
+    def build(self, case, w):
+        base = nn.Linear(case.K, case.N, bias=False, device=case.device, dtype=case.dtype)
+        _load(base.weight, w["W"])
+        base.weight.requires_grad_(False)
+        try:
+            layer = _peft_linear(base, case)
+            self.impl = "peft " + __import__("peft").__version__
+        except ImportError:
+            self.impl = "reference formula (peft not installed)"
+            return _ReferenceLoRA(base, case, w)
+        _load(layer.lora_A["default"].weight, w["A"])
+        _load(layer.lora_B["default"].weight, w["B"])
+        return layer
+
+
+class Addmm(Provider):
+    name, impl = "addmm", "cuBLAS chain (Unsloth)"
+
+    def build(self, case, w):
+        if case.dropout > 0:
+            raise NotApplicable("Unsloth's cuBLAS path requires lora_dropout = 0")
+        return _AddmmLoRA(case, w)
+
+
+class Floor(Provider):
+    name, impl = "floor", "cuBLAS base GEMM only"
+
+    def build(self, case, w):
+        base = nn.Linear(case.K, case.N, bias=False, device=case.device, dtype=case.dtype)
+        _load(base.weight, w["W"])
+        base.weight.requires_grad_(False)
+        return base
+
+
+class NotApplicable(Exception):
+    """This provider cannot run this case (the message says why)."""
+
+
+PROVIDER_CLASSES = {p.name: p for p in (Fused, Peft, Addmm, Floor)}
+
+
+def make_weights(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random (never zero: zeros run faster) x, dY, W, A, B for a case, on its device."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, dtype, std=1.0):
+        if case.device == "meta":
+            return torch.empty(shape, device="meta", dtype=dtype)
+        return (torch.randn(shape, generator=g) * std).to(case.device, dtype)
+
+    return {
+        "x": rnd(case.M, case.K, dtype=case.dtype),
+        "dy": rnd(case.M, case.N, dtype=case.dtype),
+        "W": rnd(case.N, case.K, dtype=case.dtype, std=case.K**-0.5),
+        "A": rnd(case.r, case.K, dtype=case.adapter_dtype, std=case.K**-0.5),
+        "B": rnd(case.N, case.r, dtype=case.adapter_dtype, std=0.1),
+    }
+
+
+def build(name: str, case: Case, weights: dict[str, torch.Tensor]) -> Provider:
+    return PROVIDER_CLASSES[name](case, weights)
+
+
+def _load(param: torch.Tensor, value: torch.Tensor) -> None:
+    if param.device.type != "meta":
+        with torch.no_grad():
+            param.copy_(value)
+
+
+def _peft_linear(base: nn.Linear, case: Case) -> nn.Module:
+    from peft.tuners.lora import Linear, LoraConfig  # ImportError when peft is absent
+
+    kwargs = {"r": case.r, "lora_alpha": case.alpha}
+    if "config" in inspect.signature(Linear.__init__).parameters:  # peft >= 0.18
+        kwargs["config"] = LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout)
+    else:
+        kwargs["lora_dropout"] = case.dropout
+    layer = Linear(base, "default", **kwargs)
+    for adapters in (layer.lora_A, layer.lora_B):  # PEFT keeps adapters in fp32 when asked to
+        adapters["default"].to(case.adapter_dtype)
+    return layer
+
+
+class _ReferenceLoRA(nn.Module):
+    def __init__(self, base: nn.Linear, case: Case, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.base, self.case = base, case
+        self.lora_A = nn.Parameter(w["A"].clone())
+        self.lora_B = nn.Parameter(w["B"].clone())
+
+    def forward(self, x):
+        return reference.lora_linear(
+            x, self.base.weight, self.lora_A, self.lora_B, self.case.alpha / self.case.r, None, self.case.dropout
+        )
+
+
+class _AddmmFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ weight.t()
+        xa = x2 @ lora_A.t()
+        y.addmm_(xa, lora_B.t(), alpha=s)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.s = s
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        g = dy2 @ lora_B
+        dx = dy2 @ weight
+        dx.addmm_(g, lora_A, alpha=ctx.s)
+        d_a = (g.t() @ x2).mul_(ctx.s)
+        d_b = (dy2.t() @ xa).mul_(ctx.s)
+        return dx.view(x.shape), None, d_a, d_b, None
+
+
+class _AddmmLoRA(nn.Module):
+    def __init__(self, case: Case, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(w["W"].clone(), requires_grad=False)
+        if case.adapter_dtype != case.dtype:  # the chain runs in one dtype: cuBLAS has no mixed addmm
+            raise NotApplicable("the addmm chain needs adapters in the activations' dtype")
+        self.lora_A = nn.Parameter(w["A"].clone())
+        self.lora_B = nn.Parameter(w["B"].clone())
+        self.s = case.alpha / case.r
+
+    def forward(self, x):
+        return _AddmmFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.s)

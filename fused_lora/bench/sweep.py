@@ -1,0 +1,136 @@
+"""The measured sweep, on a CUDA GPU: time, throughput, peak memory and saved bytes per provider."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from . import model
+from .cli import format_table, modelled
+from .measure import nbytes, peak_bytes, saved_for_backward, time_ms
+from .providers import Case, NotApplicable, build, make_weights
+
+COLUMNS = [
+    ("M", "M", "d"),
+    ("r", "r", "d"),
+    ("p", "dropout", "g"),
+    ("mode", "mode", "s"),
+    ("provider", "provider", "s"),
+    ("ms", "ms", ".3f"),
+    ("p20", "ms_p20", ".3f"),
+    ("p80", "ms_p80", ".3f"),
+    ("TFLOP/s", "tflops", ".0f"),
+    ("x floor", "ratio_to_floor", ".3f"),
+    ("vs peft", "speedup_vs_peft", ".2f"),
+    ("vs addmm", "speedup_vs_addmm", ".2f"),
+    ("peak MB", "peak_mb", ".0f"),
+    ("saved MB", "saved_mb", ".1f"),
+    ("model ms", "model_ms", ".3f"),
+    ("note", "note", "s"),
+]
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="provider", dynamic_ncols=True)
+    except ImportError:
+        return None
+
+
+def measure_case(
+    case: Case, providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict, rep: int, progress=None
+) -> list[dict]:
+    weights = make_weights(case)
+    rows = []
+    for name in providers:
+        base = {
+            **env,
+            "shape": case.shape,
+            "M": case.M,
+            "K": case.K,
+            "N": case.N,
+            "r": case.r,
+            "dtype": str(case.dtype).removeprefix("torch."),
+            "adapter_dtype": str(case.adapter_dtype).removeprefix("torch."),
+            "dropout": case.dropout,
+            "provider": name,
+            "speed_valid": True,
+        }
+        try:
+            prov = build(name, case, weights)
+        except NotApplicable as e:
+            rows += [{**base, "mode": m, "note": f"n/a: {e}", **modelled(case, name, m, gpu)} for m in modes]
+            if progress is not None:
+                progress.update(1)
+            continue
+        exclude = [*prov.module.parameters(), prov.x]
+        saved = nbytes(saved_for_backward(prov.forward, exclude))  # also leaves prov.y for "bwd"
+        peak = peak_bytes(prov.fwdbwd, torch.device(case.device))
+        for mode in modes:
+            fn = {"fwd": prov.forward, "bwd": prov.backward, "fwdbwd": prov.fwdbwd}[mode]
+            med, p20, p80 = time_ms(fn, grad_to_none=prov.trainable(), rep=rep)
+            flops = (
+                model.floor_flops(mode, case.M, case.K, case.N)
+                if name == "floor"
+                else model.useful_flops(mode, case.M, case.K, case.N, case.r)
+            )
+            rows.append(
+                {
+                    **base,
+                    "mode": mode,
+                    "impl": prov.impl,
+                    "ms": med,
+                    "ms_p20": p20,
+                    "ms_p80": p80,
+                    "tflops": flops / (med * 1e-3) / 1e12,
+                    "tokens_per_s": case.M / (med * 1e-3),
+                    "peak_mb": peak / 1e6,
+                    "saved_mb": saved / 1e6,
+                    "note": "",
+                    **modelled(case, name, mode, gpu),
+                }
+            )
+        del prov
+        torch.cuda.empty_cache()
+        if progress is not None:
+            progress.update(1)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_to_floor, speedup_vs_peft, speedup_vs_addmm within each (case, mode), where measured."""
+    key = lambda r: (r["shape"], r["M"], r["r"], r["dropout"], r["mode"])
+    for _, group in itertools.groupby(sorted(rows, key=key), key=key):
+        group = list(group)
+        by = {r["provider"]: r.get("ms") for r in group}
+        for r in group:
+            ms = r.get("ms")
+            r["ratio_to_floor"] = ms / by["floor"] if ms and by.get("floor") else None
+            r["speedup_vs_peft"] = by["peft"] / ms if ms and by.get("peft") else None
+            r["speedup_vs_addmm"] = by["addmm"] / ms if ms and by.get("addmm") else None
+
+
+def run_sweep(
+    cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict, rep: int
+) -> list[dict]:
+    progress = _progress(len(cases) * len(providers))
+    rows: list[dict] = []
+    for shape, group in itertools.groupby(cases, key=lambda c: (c.shape, c.K, c.N)):
+        shape_rows = []
+        for case in group:
+            shape_rows += measure_case(case, providers, modes, gpu, env, rep, progress)
+        rows += shape_rows
+        _print_shape(shape, shape_rows)
+    if progress is not None:
+        progress.close()
+    return rows
+
+
+def _print_shape(shape: tuple, rows: list[dict]) -> None:
+    name, K, N = shape
+    print(f"\n== {name}: K={K} -> N={N}, {rows[0]['dtype']} (adapters {rows[0]['adapter_dtype']}) ==")
+    print(format_table(rows, COLUMNS))

@@ -1,0 +1,106 @@
+"""The benchmark harness: its arithmetic, its providers' math, and its no-GPU main job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fused_lora import reference
+from fused_lora.bench import cli, model, plots
+from fused_lora.bench.providers import Case, NotApplicable, build, make_weights
+
+from helpers import assert_close_to_ref
+
+
+def test_model_matches_the_design_doc():
+    """docs/design.md's numbers: M=8192, K=N=4096, r=16, bf16 on an H100."""
+    M, K, N, r = 8192, 4096, 4096, 16
+    floor = model.passes("floor", "fwd", M, K, N, r)
+    assert floor[0].flops == pytest.approx(274.9e9, rel=1e-3)
+    assert floor[0].bytes == pytest.approx(167.8e6, rel=1e-3)
+    assert model.roofline_ms(floor, model.GPUS["h100"]) == pytest.approx(0.278, rel=1e-2)
+    fused = model.passes("fused", "fwd", M, K, N, r)
+    shrink = fused[0]
+    assert shrink.bytes == pytest.approx(67.1e6 + 0.5e6, rel=1e-2)
+    assert model.roofline_ms(fused, model.GPUS["h100"]) / model.roofline_ms(floor, model.GPUS["h100"]) == pytest.approx(
+        1.077, abs=0.01
+    )
+    peft = model.passes("peft", "fwd", M, K, N, r, dropout=True)
+    extra = sum(p.bytes for p in peft) - floor[0].bytes
+    assert extra == pytest.approx(638e6, rel=0.01)
+    assert model.useful_flops("fwd", M, K, N, r) == 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
+    assert model.gpu_spec_for("NVIDIA H200 NVL").tbps == 4.8
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_providers_compute_the_same_layer(p, device):
+    """Every provider's forward and gradients agree with the fp64 reference on the same weights (with
+    dropout: fused and PEFT draw different masks, so only shapes and finiteness are compared)."""
+    case = Case("t", 24, 40, 36, 5, torch.float32, torch.float32, p, device)
+    w = make_weights(case)
+    s = case.alpha / case.r
+    x64 = w["x"].double().requires_grad_()
+    a64, b64 = w["A"].double().requires_grad_(), w["B"].double().requires_grad_()
+    y64 = reference.lora_linear(x64, w["W"].double(), a64, b64, s)
+    y64.backward(w["dy"].double())
+    for name in ("fused", "peft", "addmm", "floor"):
+        try:
+            prov = build(name, case, w)
+        except NotApplicable:
+            assert name == "addmm" and p > 0
+            continue
+        y = prov.forward()
+        prov.backward()
+        assert torch.isfinite(y).all() and prov.x.grad.shape == prov.x.shape
+        if p > 0 or name == "floor":
+            continue
+        same = y64.float()
+        assert_close_to_ref(f"{name} y", y, y64, same)
+        assert_close_to_ref(f"{name} dX", prov.x.grad, x64.grad, x64.grad.float())
+        grads = [t.grad for t in prov.trainable()[1:]]
+        assert len(grads) == 2, name
+        for g, ref in zip(sorted(grads, key=lambda t: t.shape), sorted((a64.grad, b64.grad), key=lambda t: t.shape)):
+            assert_close_to_ref(f"{name} dA/dB", g, ref, ref.float())
+
+
+def test_main_job_without_gpu(tmp_path, capsys):
+    """The README's main job on a machine with no GPU: smoke, saved bytes, modelled table, results file."""
+    out = tmp_path / "rows.jsonl"
+    assert cli.main(["--shapes", "attn-7b", "--ranks", "16", "--dropout", "0,0.1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speed needs a GPU" in text and "NO speed claims" in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    saved = {(r["provider"], r["dropout"]): r.get("saved_mb") for r in rows if r["mode"] == "saved"}
+    assert saved[("fused", 0.1)] == pytest.approx((8192 * 16 * 4 + 8) / 1e6)
+    assert saved[("peft", 0.1)] > 60  # a dropped copy of x (67 MB) and more
+    assert all(not r["speed_valid"] for r in rows)
+    assert any(r["mode"] == "fwdbwd" and r["provider"] == "fused" and r["model_ms"] > 0 for r in rows)
+
+
+def test_plots_from_results(tmp_path):
+    rows = [
+        dict(
+            shape="attn-7b",
+            M=8192,
+            dropout=0.0,
+            mode="fwd",
+            provider=prov,
+            r=r,
+            dtype="bfloat16",
+            ms=1.0 + r / 100,
+            tflops=500.0 / (1 + r / 100),
+            ratio_to_floor=f,
+            speed_valid=True,
+            gpu="test",
+            torch="t",
+            triton="t",
+        )
+        for prov, f in (("fused", 1.05), ("floor", 1.0))
+        for r in (4, 16, 64)
+    ]
+    path = tmp_path / "gpu.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert plots.main([str(path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["gpu-ratio_to_floor-fwd.png", "gpu-throughput-fwd.png"]
