@@ -71,7 +71,10 @@ def _shrink_kernel(
         seed = tl.load(seed_ptr)
 
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+    # K blocks pid_k, pid_k + SPLIT_K, ...: a bound that does not depend on pid_k (the last round may be
+    # fully masked for some programs), so the loop count is uniform.
+    for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        kb = i * SPLIT_K + pid_k
         k_left = K - kb * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
         at = tl.load(at_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
