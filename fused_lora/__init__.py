@@ -6,20 +6,47 @@
 - :class:`LoRALinear` — a drop-in for loralib's ``lora.Linear``.
 - :mod:`fused_lora.reference` — the same math in plain PyTorch (the spec, and the CPU path).
 - :func:`set_backend` / :func:`use_backend` — 'auto' | 'triton' | 'reference' (or FUSED_LORA_BACKEND).
+- :func:`inject_lora`, loralib's helpers, :func:`merge_lora` — LoRA for any nn.Module.
+- :func:`patch_peft_model` — a Hugging Face PEFT model's LoRA layers on the fused kernels.
+- :func:`save_adapter` / :func:`load_adapter` — PEFT's adapter files from plain models.
 """
 
 from .backend import get_backend, set_backend, use_backend
 from .function import LoRALinearFunction, lora_linear
+from .integrations import (
+    InjectReport,
+    PatchReport,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    patch_peft_model,
+    save_adapter,
+    unmerge_lora,
+    unpatch_peft_model,
+)
 from .layer import LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "InjectReport",
     "LoRALinear",
     "LoRALinearFunction",
+    "PatchReport",
     "__version__",
     "get_backend",
+    "inject_lora",
+    "load_adapter",
     "lora_linear",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "patch_peft_model",
+    "save_adapter",
     "set_backend",
+    "unmerge_lora",
+    "unpatch_peft_model",
     "use_backend",
 ]

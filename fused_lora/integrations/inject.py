@@ -1,0 +1,194 @@
+"""LoRA for any ``nn.Module``, the loralib way: swap matching ``nn.Linear`` layers for ``LoRALinear``.
+
+    report = inject_lora(model, ["q_proj", "v_proj"], r=16, lora_alpha=32, lora_dropout=0.05)
+    mark_only_lora_as_trainable(model)        # loralib's helper (inject_lora already did this)
+    torch.save(lora_state_dict(model), path)  # loralib's helper: only the adapters
+    merge_lora(model); unmerge_lora(model)    # every LoRALinear, exact round trip
+
+`target_modules` follows PEFT: a string is a regular expression matched against the whole module name;
+a list matches names equal to an entry or ending in "." + entry; "all-linear" takes every nn.Linear but
+the model's output layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from ..layer import LoRALinear
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class InjectReport:
+    modules: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        shown = ", ".join(self.modules[:6]) + (f", … ({len(self.modules)} in all)" if len(self.modules) > 6 else "")
+        return (
+            f"LoRA on {len(self.modules)} modules ({shown}); trainable parameters: "
+            f"{self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%)"
+        )
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the model's output projection (excluded by "all-linear", as PEFT does)."""
+    out = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or name.split(".")[-1] in ("lm_head", "score", "classifier"):
+            out.add(name)
+    return out
+
+
+def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
+    """Names of the modules `target_modules` selects (checked, but nothing is changed)."""
+    if target_modules is None or (not isinstance(target_modules, str) and not list(target_modules)):
+        raise ValueError("target_modules is empty: name modules, suffixes, a regex, or 'all-linear'")
+    named = dict(model.named_modules())
+    if target_modules == "all-linear":
+        heads = _output_layer_names(model)
+        chosen = [
+            n
+            for n, m in named.items()
+            if isinstance(m, nn.Linear)
+            and not isinstance(m, LoRALinear)
+            and n not in heads
+            and not n.endswith((".lora_A", ".lora_B"))
+        ]
+    else:
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        chosen = [n for n in named if n and _matches(n, targets)]
+        if not isinstance(targets, str):
+            missing = [t for t in targets if not any(_matches(n, [t]) for n in named if n)]
+            if missing:
+                raise ValueError(f"target_modules {missing} match no module; available: {_module_listing(model)}")
+    if exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} matches no module; available: {_module_listing(model)}")
+    for n in chosen:
+        m = named[n]
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"{n} is already a LoRALinear: this model has LoRA injected already")
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"{n} matches target_modules but is a {type(m).__name__}, not an nn.Linear")
+    return chosen
+
+
+def _module_listing(model: nn.Module, limit: int = 40) -> str:
+    """Distinct leaf-name suffixes of the model's nn.Linear layers (and a few other names)."""
+    linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    others = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n} - set(linear))
+    return f"nn.Linear: {linear[:limit]}; other modules: {others[:limit]}"
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    exclude_modules=None,
+    merge_weights: bool = False,
+    lora_dtype=None,
+) -> InjectReport:
+    """Replace the selected nn.Linear layers of `model`, in place, by LoRALinear layers that share their
+    weight and bias (no copy), freeze every parameter that is not an adapter, and report what was done.
+
+    All targets are checked before any is replaced: an error leaves the model as it was."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("this model already has LoRALinear layers (inject_lora was called before)")
+    names = find_targets(model, target_modules, exclude_modules)
+    new = {
+        n: LoRALinear.from_linear(
+            model.get_submodule(n),
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            merge_weights=merge_weights,
+            lora_dtype=lora_dtype,
+        )
+        for n in names
+    }
+    for n, layer in new.items():
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    mark_only_lora_as_trainable(model)
+    params = list(model.parameters())
+    return InjectReport(names, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def _check_bias(bias: str) -> None:
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """loralib's helper: freeze everything but the adapters; bias="all" also trains every bias,
+    "lora_only" the biases of LoRA layers."""
+    _check_bias(bias)
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
+    if bias == "all":
+        for n, p in model.named_parameters():
+            if "bias" in n:
+                p.requires_grad = True
+    elif bias == "lora_only":
+        for m in model.modules():
+            if isinstance(m, LoRALinear) and m.bias is not None:
+                m.bias.requires_grad = True
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
+    """loralib's helper: the adapters' entries of model.state_dict() (and biases, per `bias`)."""
+    _check_bias(bias)
+    state = model.state_dict()
+    if bias == "none":
+        return {k: v for k, v in state.items() if "lora_" in k}
+    if bias == "all":
+        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
+    out = {}
+    for k, v in state.items():
+        if "lora_" in k:
+            out[k] = v
+            bias_name = k.split("lora_")[0] + "bias"
+            if bias_name in state:
+                out[bias_name] = state[bias_name]
+    return out
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every LoRALinear (W += s·B·A, fp32 arithmetic); returns how many."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.merge()
+    return len(layers)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora` exactly; returns how many layers."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.unmerge()
+    return len(layers)

@@ -1,0 +1,169 @@
+"""Run a Hugging Face PEFT model's LoRA layers on the fused kernels, in place.
+
+    report = patch_peft_model(peft_model)     # logs and returns what was patched and what was not, and why
+    unpatch_peft_model(peft_model)            # PEFT's own forward again
+
+Each PEFT ``lora.Linear`` it can serve — a plain ``nn.Linear`` (or GPT-2 ``Conv1D``) base, no DoRA or
+other LoRA variant, no ``lora_bias``, one active adapter — has its class swapped for a subclass whose
+forward calls :func:`fused_lora.lora_linear` with the layer's own parameters. Nothing else changes:
+parameter names, ``state_dict``, ``save_pretrained`` / ``from_pretrained``, adapter switching, merging
+and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass hands anything it
+cannot serve (several active adapters, ``adapter_names=`` mixed batches, merged or disabled adapters,
+extra arguments, dtype combinations the kernels do not take) back to PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..function import lora_linear
+
+log = logging.getLogger("fused_lora")
+
+_FUSED_CLASS: type | None = None
+
+
+@dataclass
+class PatchReport:
+    patched: list[str] = field(default_factory=list)
+    already_patched: list[str] = field(default_factory=list)
+    not_patched: dict[str, str] = field(default_factory=dict)  # module name -> why
+
+    def __str__(self) -> str:
+        reasons: dict[str, int] = {}
+        for why in self.not_patched.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        why = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items())) or "none"
+        return (
+            f"fused_lora: {len(self.patched)} PEFT LoRA layers patched, {len(self.already_patched)} already "
+            f"patched, {len(self.not_patched)} left on PEFT's forward ({why})"
+        )
+
+
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as e:  # pragma: no cover - the extra is installed in CI
+        raise ImportError("patch_peft_model needs peft: pip install 'fused_lora[integrations]'") from e
+    return lora_layer
+
+
+def _fused_class():
+    """peft's lora.Linear with the fused forward (created once, at module level, so models pickle)."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        base = _peft_lora().Linear
+
+        class FusedLoraLinear(base):
+            """PEFT's lora.Linear, running the fused kernels whenever they can serve the call."""
+
+            def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                adapter = _servable_adapter(self, x, args, kwargs)
+                if adapter is None:
+                    return super().forward(x, *args, **kwargs)
+                dropout = self.lora_dropout[adapter]
+                p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+                return lora_linear(
+                    x,
+                    _base_weight(self),
+                    self.lora_A[adapter].weight,
+                    self.lora_B[adapter].weight,
+                    self.scaling[adapter],
+                    self.get_base_layer().bias,
+                    p,
+                    dropout.training,
+                )
+
+        FusedLoraLinear.__module__ = __name__
+        FusedLoraLinear.__qualname__ = "FusedLoraLinear"
+        globals()["FusedLoraLinear"] = FusedLoraLinear
+        _FUSED_CLASS = FusedLoraLinear
+    return _FUSED_CLASS
+
+
+def _base_weight(layer) -> torch.Tensor:
+    w = layer.get_base_layer().weight
+    return w.t() if layer.fan_in_fan_out else w  # Conv1D stores [in, out]: a view, no copy
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+def _static_reason(layer) -> str | None:
+    """Why this layer can never be served (None if it can)."""
+    lora_layer = _peft_lora()
+    if type(layer) is not lora_layer.Linear:
+        return f"{type(layer).__name__} layer"
+    base = layer.get_base_layer()
+    if not (type(base) is nn.Linear or _is_conv1d(base)) or not base.weight.is_floating_point():
+        return f"quantized or custom base layer ({type(base).__name__})"
+    if any(getattr(layer, "use_dora", {}).values()) or getattr(layer, "lora_variant", None):
+        return "DoRA / LoRA variant"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters"
+    return None
+
+
+def _servable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
+    """The one active adapter this call can run fused, or None (then PEFT's forward runs)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if (
+        adapter not in layer.lora_A
+        or getattr(layer, "use_dora", {}).get(adapter)
+        or adapter in getattr(layer, "lora_variant", {})
+        or getattr(layer, "lora_bias", {}).get(adapter)
+    ):
+        return None
+    a_dtype, w_dtype = layer.lora_A[adapter].weight.dtype, layer.get_base_layer().weight.dtype
+    dev = x.device.type
+    autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+    act = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    if (x.dtype != w_dtype and not autocast) or a_dtype not in (act, torch.float32):
+        return None
+    return adapter
+
+
+def _lora_layers(model: nn.Module):
+    lora_layer = _peft_lora()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
+
+
+def patch_peft_model(model: nn.Module) -> PatchReport:
+    """Make every PEFT LoRA Linear layer of `model` that the kernels can serve run them. Idempotent."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no PEFT LoRA layers (wrap it with peft.get_peft_model "
+            f"first, or use fused_lora.inject_lora on a plain model)"
+        )
+    fused = _fused_class()
+    report = PatchReport()
+    for name, layer in layers:
+        if type(layer) is fused:
+            report.already_patched.append(name)
+        elif (why := _static_reason(layer)) is not None:
+            report.not_patched[name] = why
+        else:
+            layer.__class__ = fused
+            report.patched.append(name)
+    log.info("%s", report)
+    return report
+
+
+def unpatch_peft_model(model: nn.Module) -> int:
+    """Give every patched layer PEFT's own forward back; returns how many."""
+    fused, n = _fused_class(), 0
+    for _, layer in _lora_layers(model):
+        if type(layer) is fused:
+            layer.__class__ = _peft_lora().Linear
+            n += 1
+    return n
