@@ -86,7 +86,7 @@ def test_target_forms_and_errors():
     assert len(names(model, "all-linear", exclude_modules=["o_proj"])) == 12
     with pytest.raises(ValueError, match=r"\['qproj'\] match no module; available: nn.Linear: \["):
         fused_lora.inject_lora(model, ["q_proj", "qproj"])
-    with pytest.raises(TypeError, match="is a LlamaRMSNorm, not an nn.Linear"):
+    with pytest.raises(TypeError, match=r"is a LlamaRMSNorm, not an nn\.Linear"):
         fused_lora.inject_lora(model, ["input_layernorm"])
     assert not any(isinstance(m, fused_lora.LoRALinear) for m in model.modules()), "half-injected"
     fused_lora.inject_lora(model, ["q_proj"])
@@ -262,7 +262,7 @@ def test_adapter_files_from_peft_with_rank_patterns(device, tmp_path):
 def test_adapter_file_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRALinear"):
         fused_lora.save_adapter(tiny_llama(), tmp_path)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         fused_lora.load_adapter(tiny_llama(), tmp_path)
     model = tiny_llama()
     fused_lora.inject_lora(model, ["q_proj"], r=4)
