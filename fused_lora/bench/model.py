@@ -82,6 +82,9 @@ def _floor(M, K, N, r, e, ea, d):
 
 
 def _fused(M, K, N, r, e, ea, d):
+    # The grad pass splits ranks above 64 (32 with fp32 activations) across programs that each re-read
+    # their dY and x band (kernels.configs.grad_r_block).
+    reads = -(-r // (64 if e == 2 else 32))
     fwd = [
         Pass("shrink drop(x)·Aᵀ", 2 * M * K * r, e * M * K + ea * r * K + 4 * M * r),
         Pass(
