@@ -97,7 +97,7 @@ def _fused(M, K, N, r, e, ea, d):
         Pass(
             "dY pass (g, dB) + x pass (dA)",
             4 * M * N * r + 2 * M * K * r,
-            e * (M * N + M * K) + 4 * 2 * M * r + 4 * (N + K) * r,
+            reads * e * (M * N + M * K) + 4 * 2 * M * r + 4 * (N + K) * r,
         ),
         Pass(
             "dX GEMM + low-rank prologue",

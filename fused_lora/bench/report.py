@@ -40,7 +40,7 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def targets(rows: list[dict], measured: bool) -> list[str]:
-    t = lambda prov, mode, p: _time(rows, measured, provider=prov, mode=mode, dropout=p, **REF)  # noqa: E731
+    t = lambda prov, mode, p: _time(rows, measured, provider=prov, mode=mode, dropout=p, **REF)
     checks = []
 
     def check(name, value, goal, ok):
