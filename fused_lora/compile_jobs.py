@@ -50,6 +50,7 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
         )
         n_out, k_red = N, K
     return dict(
+        stride_bias=1,
         p_ptr="*" + dt,
         q_ptr="*" + dt,
         l_ptr="*fp32",

@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .backend import resolve_backend
@@ -57,10 +58,6 @@ class _MetaKernels:
         return new(M, R) if need_g else None, new(R, K) if need_dA else None, new(N, R) if need_dB else None
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _draw_seed(device: torch.device) -> torch.Tensor:
     """A Philox seed from torch's generator for `device`, kept on that device (no host sync), so
     torch.manual_seed makes runs reproducible and activation checkpointing replays the same mask."""
@@ -75,48 +72,38 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool):
         K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, K)  # a view unless x's leading dims cannot be flattened
+        x2 = x.reshape(x.shape[:-1].numel(), K)  # a view unless x's leading dims cannot be flattened
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
         k = _MetaKernels if x.device.type == "meta" else _k()
-        with _on_device(x):
-            xa = k.shrink(x2, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
-            y2 = k.lora_gemm(x2, weight.t(), xa, lora_B.t(), scale=scaling, bias=bias)
+        xa = k.shrink(x2, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
+        y2 = k.lora_gemm(x2, weight.t(), xa, lora_B.t(), scale=scaling, bias=bias, deterministic=deterministic)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
         ctx.scaling, ctx.dropout_p, ctx.deterministic = scaling, dropout_p, deterministic
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y2.view(*x.shape[:-1], N)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.dropout_p
         K, N = x.shape[-1], weight.shape[0]
-        x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+        M = x.shape[:-1].numel()
+        x2, dy2 = x.reshape(M, K), dy.reshape(M, N)
         dx = dw = dbias = dA = dB = None
         k = _MetaKernels if x.device.type == "meta" else _k()
-        with _on_device(x):
-            if need_x or need_A or need_B:
-                g, dA, dB = k.lora_grad(
-                    dy2,
-                    lora_B,
-                    xa,
-                    x2,
-                    scaling=s,
-                    dropout_p=p,
-                    seed=seed,
-                    need_g=need_x,
-                    need_dA=need_A,
-                    need_dB=need_B,
-                    deterministic=ctx.deterministic,
-                )
-            if need_x:
-                dx = k.lora_gemm(dy2, weight, g, lora_A, scale=s / (1.0 - p), dropout_p=p, seed=seed)
-                dx = dx.view(x.shape)
+        det = ctx.deterministic
+        if need_x or need_A or need_B:
+            g, dA, dB = k.lora_grad(dy2, lora_B, xa, x2, scaling=s, dropout_p=p, seed=seed, need_g=need_x,
+                                    need_dA=need_A, need_dB=need_B, deterministic=det)  # fmt: skip
+        if need_x:
+            dx = k.lora_gemm(dy2, weight, g, lora_A, scale=s / (1.0 - p), dropout_p=p, seed=seed, deterministic=det)
+            dx = dx.view(x.shape)
         if need_w:
             dw = (dy2.t() @ x2).to(weight.dtype)
         if need_bias:
-            dbias = dy2.sum(0).to(ctx.bias_dtype)
+            dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if dA is not None:
             dA = dA.to(lora_A.dtype)
         if dB is not None:
@@ -149,16 +136,15 @@ def lora_linear(
     Under ``torch.autocast`` it behaves as ``nn.Linear`` does: x, weight and bias are cast to the
     autocast dtype and so is the output; fp32 adapters stay fp32 (the kernels read them as they are).
     """
+    cast = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if cast is not None:  # as nn.Linear under autocast: x, W, bias in the autocast dtype; fp32 adapters stay
+        x, weight = _cast(x, cast), _cast(weight, cast)
+        bias = _cast(bias, cast) if bias is not None else None
+        if isinstance(lora_A, torch.Tensor) and lora_A.dtype != torch.float32:
+            lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
     check_lora_inputs(x, weight, lora_A, lora_B, bias)
     scaling = check_scaling(scaling)
     p = check_dropout(dropout_p) if training else 0.0
-
-    cast = _autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = _cast(x, cast), _cast(weight, cast)
-        bias = _cast(bias, cast) if bias is not None else None
-        if lora_A.dtype != torch.float32:
-            lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
     guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
     with guard:
@@ -172,5 +158,9 @@ def lora_linear(
         )
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype in (dtype, torch.float64) else t.to(dtype)
+def _cast(t, dtype: torch.dtype):
+    """Autocast's rule: floating tensors other than float64 go to `dtype`; anything else is left for the
+    checks to reject."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)

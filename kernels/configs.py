@@ -75,8 +75,8 @@ GEMM = [
 # mma.sync keeps in registers, which no simple formula captured. Raise a cap only with a clean check.
 SHRINK = [
     ShrinkConfig(64, 64, 1, 4, 3, 64, 32),
-    ShrinkConfig(64, 64, 2, 4, 3, 64, 32),
-    ShrinkConfig(64, 64, 4, 4, 3, 64, 32),
+    ShrinkConfig(64, 64, 2, 4, 3, 64, 16),
+    ShrinkConfig(64, 64, 4, 4, 3, 64, 16),
     ShrinkConfig(128, 64, 2, 8, 3, 64, 16),
     ShrinkConfig(128, 64, 4, 8, 3, 64, 16),
     ShrinkConfig(32, 64, 1, 4, 3, 128, 16),
@@ -153,23 +153,28 @@ def keep_grad(c: GradConfig, elem_bytes: int, r_block: int, arch: int) -> bool:
     return _keep_stream(c, elem_bytes, r_block, arch)
 
 
-def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int):
-    """The table entry deterministic mode (``torch.use_deterministic_algorithms``) launches: for the
-    shrink, one without a K split (no atomics); for grad, the admitted one with the tallest row band (its
-    per-band partial sums, summed on the host in a fixed order, cost bands x (N + K) x r x 4 bytes)."""
+def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: bool = False):
+    """The table entry deterministic mode (``torch.use_deterministic_algorithms``) launches, fixed so
+    that the summation order never depends on what an autotuner picked: for the GEMM, the first admitted
+    entry; for the shrink, one without a K split (no atomics); for grad, the admitted one with the
+    tallest row band (its per-band partial sums, summed on the host in a fixed order, cost
+    bands x (N + K) x r x 4 bytes). Ranks beyond the checked buckets (> 256) take the last entry."""
+    if kind == "gemm":
+        return next((c for c in GEMM if keep_gemm(c, elem_bytes, dropout, arch)), GEMM[-1])
     if kind == "shrink":
         table, keep = [c for c in SHRINK if c.SPLIT_K == 1], keep_shrink
     else:
         table, keep = sorted(GRAD, key=lambda c: -c.BLOCK_M), keep_grad
-    return next(c for c in table if keep(c, elem_bytes, r, arch))
+    return next((c for c in table if keep(c, elem_bytes, r, arch)), table[-1])
 
 
-def deterministic_config(kind: str, elem_bytes: int, r: int, arch: int) -> dict:
+def deterministic_config(kind: str, elem_bytes: int, r: int, arch: int, dropout: bool = False) -> dict:
     """Launch keywords for :func:`deterministic_entry` (a small fixed one under the interpreter)."""
     if interpreting():
-        c = SHRINK_INTERPRET._replace(SPLIT_K=1) if kind == "shrink" else GRAD_INTERPRET
+        interp = {"gemm": GEMM_INTERPRET, "shrink": SHRINK_INTERPRET._replace(SPLIT_K=1), "grad": GRAD_INTERPRET}
+        c = interp[kind]
     else:
-        c = deterministic_entry(kind, elem_bytes, r, arch)
+        c = deterministic_entry(kind, elem_bytes, r, arch, dropout)
     return dict(_as_triton(c).all_kwargs())
 
 
@@ -187,7 +192,8 @@ def _as_triton(c) -> triton.Config:
 
 def _first_or_all(kept, configs):
     """What the autotuner benchmarks: every admitted configuration, or only the first one when
-    FUSED_LORA_AUTOTUNE=0 (one compile per variant: quick test runs, no tuning). Never nothing."""
+    FUSED_LORA_AUTOTUNE=0 (one compile per variant: quick test runs, no tuning). Never nothing: beyond the
+    checked rank buckets (r > 256) the last, smallest entry runs — correct, not checked for spills."""
     kept = kept or configs[-1:]
     return kept[:1] if os.environ.get("FUSED_LORA_AUTOTUNE", "1") == "0" else kept
 

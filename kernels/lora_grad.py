@@ -39,6 +39,7 @@ _KEY = [
 ]
 
 
+# fmt: off
 @triton.autotune(
     configs=grad_configs(),
     key=_KEY,
@@ -48,53 +49,20 @@ _KEY = [
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _lora_grad_kernel(
     # pointers
-    dy_ptr,
-    b_ptr,
-    xa_ptr,
-    x_ptr,
-    g_ptr,
-    db_ptr,
-    da_ptr,
-    seed_ptr,
+    dy_ptr, b_ptr, xa_ptr, x_ptr, g_ptr, db_ptr, da_ptr, seed_ptr,
     # sizes
-    M,
-    N,
-    K,
-    R,
-    M_BUCKET,
-    # strides (db/da carry a leading per-program stride, 0 unless deterministic)
-    stride_dym,
-    stride_dyn,
-    stride_bn,
-    stride_br,
-    stride_xam,
-    stride_xar,
-    stride_xm,
-    stride_xk,
-    stride_gm,
-    stride_gr,
-    stride_dbp,
-    stride_dbn,
-    stride_dbr,
-    stride_dap,
-    stride_dar,
-    stride_dak,
+    M, N, K, R, M_BUCKET,
+    # strides (db/da carry a leading per-band stride, 0 unless deterministic)
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_xm, stride_xk,
+    stride_gm, stride_gr, stride_dbp, stride_dbn, stride_dbr, stride_dap, stride_dar, stride_dak,
     # scalars: s, s/(1-p), floor(p·2^31)
-    scale_db,
-    scale_da,
-    threshold,
+    scale_db, scale_da, threshold,
     # meta-parameters
-    R_BLOCK: tl.constexpr,
-    STORE_G: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    COMPUTE_DA: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-    LORA_DTYPE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
@@ -103,13 +71,13 @@ def _lora_grad_kernel(
     rank_ok = offs_r < R
     rows64 = offs_m.to(tl.int64)
     if DETERMINISTIC:  # this program's own slice of the partial-sum buffers
-        db_ptr += pid * stride_dbp
-        da_ptr += pid * stride_dap
+        db_ptr += pid.to(tl.int64) * stride_dbp
+        da_ptr += pid.to(tl.int64) * stride_dap
 
     # Pass 1 over the dY band: g += dY·B and, per tile, partial dB = s·dYᵀ·xa.
     if COMPUTE_DB:
         xa = tl.load(
-            xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+            xa_ptr + rows64[:, None] * stride_xam + offs_r[None, :] * stride_xar,
             mask=row_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )
@@ -121,7 +89,7 @@ def _lora_grad_kernel(
         offs_n = nb * BLOCK_N + offs_t
         col_ok = offs_n < N
         dy = tl.load(
-            dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(LORA_DTYPE)
@@ -141,7 +109,7 @@ def _lora_grad_kernel(
                 tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
     if STORE_G:
         tl.store(
-            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            g_ptr + rows64[:, None] * stride_gm + offs_r[None, :] * stride_gr,
             g,
             mask=row_ok[:, None] & rank_ok[None, :],
         )
@@ -157,7 +125,7 @@ def _lora_grad_kernel(
             offs_k = kb * BLOCK_N + offs_t
             col_ok = offs_k < K
             x = tl.load(
-                x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
@@ -208,56 +176,29 @@ def lora_grad(
         kernel, grid = _lora_grad_kernel.fn, (bands, triton.cdiv(R, r_block))
     else:
         cfg = {}
-        db = torch.zeros((1, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
-        da = torch.zeros((1, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
+        # One zeroed buffer (one memset) holds both atomic accumulators.
+        db_shape, da_shape = (1, N, R) if need_dB else (1, 1, 1), (1, R, K) if need_dA else (1, 1, 1)
+        n_db = db_shape[1] * db_shape[2]
+        acc = torch.zeros(n_db + da_shape[1] * da_shape[2], dtype=torch.float32, device=dev)
+        db, da = acc[:n_db].view(db_shape), acc[n_db:].view(da_shape)
         kernel = _lora_grad_kernel
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, r_block))
     g = torch.empty((M, R), dtype=torch.float32, device=dev) if need_g else xa
     dropout = dropout_p > 0.0
+    # fmt: off
     launch(
-        kernel,
-        grid,
-        dy,
-        lora_B,
-        xa,
-        x,
-        g,
-        db,
-        da,
-        seed if dropout else xa,
-        M,
-        N,
-        K,
-        R,
-        bucket(M),
-        dy.stride(0),
-        dy.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        xa.stride(0),
-        xa.stride(1),
-        x.stride(0),
-        x.stride(1),
-        g.stride(0),
-        g.stride(1),
-        db.stride(0) if deterministic else 0,
-        db.stride(1),
-        db.stride(2),
-        da.stride(0) if deterministic else 0,
-        da.stride(1),
-        da.stride(2),
-        float(scaling),
-        float(scaling) / (1.0 - dropout_p),
-        drop_threshold(dropout_p),
-        R_BLOCK=r_block,
-        STORE_G=need_g,
-        COMPUTE_DB=need_dB,
-        COMPUTE_DA=need_dA,
-        DROPOUT=dropout,
-        DETERMINISTIC=deterministic,
-        LORA_DTYPE=lora_compute_dtype(dy.dtype, lora_B.dtype),
-        FP32_PRECISION=fp32_dot_precision(dy.dtype),
-        **cfg,
+        kernel, grid,
+        dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
+        M, N, K, R, bucket(M),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
+        da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
+        float(scaling), float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p),
+        R_BLOCK=r_block, STORE_G=need_g, COMPUTE_DB=need_dB, COMPUTE_DA=need_dA, DROPOUT=dropout,
+        DETERMINISTIC=deterministic, LORA_DTYPE=lora_compute_dtype(dy.dtype, lora_B.dtype),
+        FP32_PRECISION=fp32_dot_precision(dy.dtype), **cfg,
     )
+    # fmt: on
     reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
     return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)

@@ -21,6 +21,7 @@ from .dropout import drop_threshold, keep_mask
 from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_pad
 
 
+# fmt: off
 @triton.autotune(
     configs=shrink_configs(),
     key=["M_BUCKET", "K", "R_PAD", "DROPOUT", "LORA_DTYPE", "FP32_PRECISION"],
@@ -29,41 +30,25 @@ from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
 def _shrink_kernel(
     # pointers
-    x_ptr,
-    a_ptr,
-    xa_ptr,
-    seed_ptr,
+    x_ptr, a_ptr, xa_ptr, seed_ptr,
     # sizes
-    M,
-    K,
-    R,
-    M_BUCKET,
+    M, K, R, M_BUCKET,
     # strides
-    stride_xm,
-    stride_xk,
-    stride_ar,
-    stride_ak,
-    stride_om,
-    stride_or,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     # dropout: floor(p·2^31) and 1/(1-p)
-    threshold,
-    keep_scale,
+    threshold, keep_scale,
     # meta-parameters
-    R_PAD: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    LORA_DTYPE: tl.constexpr,
-    FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    R_PAD: tl.constexpr, DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    # fmt: on
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     k0 = pid_k * BLOCK_K
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k[None, :]) * stride_xk
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # 64-bit: x may be huge or transposed
     at_ptrs = a_ptr + (k0 + offs_k[:, None]) * stride_ak + offs_r[None, :] * stride_ar  # Aᵀ [BLOCK_K, R_PAD]
     row_ok = offs_m[:, None] < M
     rank_ok = offs_r[None, :] < R
@@ -76,17 +61,17 @@ def _shrink_kernel(
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         kb = i * SPLIT_K + pid_k
         k_left = K - kb * BLOCK_K
-        x = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
+        cols = (kb * BLOCK_K + offs_k[None, :]).to(tl.int64)
+        x = tl.load(x_rows + cols * stride_xk, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
         at = tl.load(at_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
         if DROPOUT:
             x = tl.where(keep_mask(seed, offs_m, kb * BLOCK_K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
         acc = tl.dot(x.to(LORA_DTYPE), at.to(LORA_DTYPE), acc, input_precision=FP32_PRECISION)
-        x_ptrs += SPLIT_K * BLOCK_K * stride_xk
         at_ptrs += SPLIT_K * BLOCK_K * stride_ak
     if DROPOUT:
         acc = acc * keep_scale
 
-    out_ptrs = xa_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    out_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc, mask=row_ok & rank_ok)
     else:
@@ -118,29 +103,15 @@ def shrink(
     else:
         cfg, kernel = {}, _shrink_kernel
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
+    # fmt: off
     launch(
-        kernel,
-        grid,
-        x,
-        lora_A,
-        xa,
-        seed if dropout else xa,
-        M,
-        K,
-        R,
-        bucket(M),
-        x.stride(0),
-        x.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        xa.stride(0),
-        xa.stride(1),
-        drop_threshold(dropout_p),
-        1.0 / (1.0 - dropout_p),
-        R_PAD=rank_pad(R),
-        DROPOUT=dropout,
-        LORA_DTYPE=lora_compute_dtype(x.dtype, lora_A.dtype),
-        FP32_PRECISION=fp32_dot_precision(x.dtype),
-        **cfg,
+        kernel, grid,
+        x, lora_A, xa, seed if dropout else xa,
+        M, K, R, bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        R_PAD=rank_pad(R), DROPOUT=dropout, LORA_DTYPE=lora_compute_dtype(x.dtype, lora_A.dtype),
+        FP32_PRECISION=fp32_dot_precision(x.dtype), **cfg,
     )
+    # fmt: on
     return xa

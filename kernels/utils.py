@@ -25,10 +25,16 @@ def interpreting() -> bool:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch ``kernel[grid](*args, **kwargs)`` and count it in :data:`LAUNCHES`."""
+    """Launch ``kernel[grid](*args, **kwargs)`` on the device of its first tensor argument (Triton would
+    use the current device) and count it in :data:`LAUNCHES`."""
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
     LAUNCHES[name] += 1
-    kernel[grid](*args, **kwargs)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.device.type == "cuda":
+        with torch.cuda.device(first.device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:

@@ -56,3 +56,10 @@ def test_every_variant_has_a_config(arch, elem_bytes):
         assert any(configs.keep_grad(c, elem_bytes, r_block, arch) for c in configs.GRAD), r_pad
         for kind, r in (("shrink", r_pad), ("grad", r_block)):
             assert configs.deterministic_entry(kind, elem_bytes, r, arch)
+
+
+def test_ranks_past_the_checked_buckets_still_get_a_config():
+    """r > 256 is allowed: it runs the smallest entry (correct; compile_check does not cover it)."""
+    for kind, r in (("shrink", 512), ("grad", 128)):
+        assert configs.deterministic_entry(kind, 2, r, 90)
+    assert configs.deterministic_entry("gemm", 4, 16, 80, dropout=True)

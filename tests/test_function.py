@@ -163,3 +163,40 @@ def test_backend_selection(monkeypatch):
 
 def test_seed_is_drawn_on_the_inputs_device(device):
     assert _draw_seed(torch.device(device)).device.type == device
+
+
+def test_autocast_accepts_what_linear_accepts(device):
+    """Mixed dtypes that autocast casts anyway (fp32 x with a half W, half adapters) run as nn.Linear does."""
+    x, w, a, b, bias = lora_inputs(11, 20, 9, 3, device=device)
+    with torch.autocast(device, dtype=torch.float16):
+        y = fused_lora.lora_linear(x, w.half(), a.half(), b.half(), 1.0, bias=bias)
+        lin = torch.nn.functional.linear(x, w.half(), bias)
+    assert y.dtype == lin.dtype == torch.float16
+
+
+def test_strided_bias(device):
+    """A bias that is a strided or expanded view is read through its stride."""
+    x, w, a, b, _ = lora_inputs(13, 22, 15, 3, device=device)
+    wide = torch.randn(15, 2, device=device)
+    for bias in (wide[:, 0], torch.tensor([1.5], device=device).expand(15)):
+        y = fused_lora.lora_linear(x, w, a, b, 1.0, bias=bias)
+        torch.testing.assert_close(y, reference.lora_linear(x, w, a, b, 1.0, bias=bias), rtol=1e-4, atol=1e-4)
+
+
+def test_double_backward_is_refused(device):
+    x, w, a, b, _ = lora_inputs(7, 12, 5, 2, device=device)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(fused_lora.lora_linear(x, w, a, b, 1.0).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize(("K", "N"), [(0, 5), (6, 0)])
+def test_zero_features(K, N, device):
+    x, w, a, b, bias = lora_inputs(4, K, N, 2, device=device)
+    x.requires_grad_()
+    a.requires_grad_()
+    y = fused_lora.lora_linear(x, w, a, b, 1.0, bias=bias)
+    assert y.shape == (4, N)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and a.grad.shape == a.shape
