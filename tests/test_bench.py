@@ -104,3 +104,33 @@ def test_plots_from_results(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     assert plots.main([str(path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["gpu-ratio_to_floor-fwd.png", "gpu-throughput-fwd.png"]
+
+
+def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
+    """The measured sweep's bookkeeping (rows, ratios, tables) on a tiny case, with the CUDA-only timers
+    stubbed: every provider runs for real, only the clock is fake."""
+    from fused_lora.bench import sweep
+
+    fake_ms = {"fused": 1.0, "peft": 1.5, "addmm": 1.2, "floor": 0.9}
+    calls = []
+
+    def fake_time(fn, grad_to_none=None, rep=100):
+        fn()
+        calls.append(fn)
+        return (1.0, 0.9, 1.1)
+
+    monkeypatch.setattr(sweep, "time_ms", fake_time)
+    monkeypatch.setattr(sweep, "peak_bytes", lambda fn, dev: (fn(), 4096)[1])
+    cases = [Case("tiny", 16, 24, 20, 4, torch.float32, torch.float32, p, device) for p in (0.0, 0.1)]
+    env = {"gpu": "stub", "torch": "t", "triton": "t", "date": "d", "commit": "c"}
+    rows = sweep.run_sweep(cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1)
+    for r in rows:  # give each provider its own time, then recompute the ratios
+        if r.get("ms"):
+            r["ms"] = fake_ms[r["provider"]]
+    sweep.add_ratios(rows)
+    assert len(calls) == 3 * 4 + 3 * 3  # addmm has no dropout case
+    fused = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "fwd" and r["dropout"] == 0)
+    assert fused["ratio_to_floor"] == pytest.approx(1.0 / 0.9) and fused["speedup_vs_peft"] == pytest.approx(1.5)
+    assert fused["speedup_vs_addmm"] == pytest.approx(1.2) and fused["saved_mb"] > 0
+    assert any(r["note"].startswith("n/a") for r in rows if r["provider"] == "addmm")
+    assert "== tiny: K=24 -> N=20" in capsys.readouterr().out

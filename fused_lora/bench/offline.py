@@ -82,7 +82,7 @@ def memory_rows(cases: list[Case], providers: list[str], env: dict) -> list[dict
         seen.add((case.shape, case.M, case.r, case.dropout))
         w = make_weights(case)
         for name in providers:
-            row = {**env, **_case_fields(case), "provider": name, "mode": "saved", "speed_valid": False}
+            row = {**env, **case.fields(), "provider": name, "mode": "saved", "speed_valid": False}
             try:
                 prov = build(name, case, w)
             except NotApplicable as e:
@@ -106,7 +106,7 @@ def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: m
         group = {
             name: {
                 **env,
-                **_case_fields(case),
+                **case.fields(),
                 "provider": name,
                 "mode": mode,
                 "speed_valid": False,
@@ -125,19 +125,6 @@ def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: m
             r["model_speedup_vs_addmm"] = ms["addmm"] / r["model_ms"] if "addmm" in ms else None
         rows += [r for r in group.values() if not r.get("note")]
     return rows
-
-
-def _case_fields(case: Case) -> dict:
-    return {
-        "shape": case.shape,
-        "M": case.M,
-        "K": case.K,
-        "N": case.N,
-        "r": case.r,
-        "dtype": str(case.dtype).removeprefix("torch."),
-        "adapter_dtype": str(case.adapter_dtype).removeprefix("torch."),
-        "dropout": case.dropout,
-    }
 
 
 def run_offline(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):

@@ -50,6 +50,12 @@ class Case:
     def alpha(self) -> float:
         return 2.0 * self.r  # s = 2, a common choice; the value does not change the cost
 
+    def fields(self) -> dict:
+        """The case's columns in a results row."""
+        return {"shape": self.shape, "M": self.M, "K": self.K, "N": self.N, "r": self.r,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "adapter_dtype": str(self.adapter_dtype).removeprefix("torch."), "dropout": self.dropout}  # fmt: skip
+
 
 class Provider:
     """A module and an input; `forward()`, `backward()` (of the last forward), `fwdbwd()`."""

@@ -48,14 +48,7 @@ def measure_case(
     for name in providers:
         base = {
             **env,
-            "shape": case.shape,
-            "M": case.M,
-            "K": case.K,
-            "N": case.N,
-            "r": case.r,
-            "dtype": str(case.dtype).removeprefix("torch."),
-            "adapter_dtype": str(case.adapter_dtype).removeprefix("torch."),
-            "dropout": case.dropout,
+            **case.fields(),
             "provider": name,
             "speed_valid": True,
         }
