@@ -210,6 +210,10 @@ def test_unservable_layers_are_reported(device, caplog):
     assert "left on PEFT's forward (1 x Embedding layer)" in caplog.text
     report = fused_lora.patch_peft_model(dora)
     assert not report.patched and set(report.not_patched.values()) == {"DoRA / LoRA variant"}
+    hooked = peft_model(device, target_modules=["q_proj"])
+    hooked.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_pre_hook(lambda m, a: None)
+    report = fused_lora.patch_peft_model(hooked)
+    assert len(report.patched) == 1 and "forward hooks" in next(iter(report.not_patched.values()))
     with pytest.raises(ValueError, match="no PEFT LoRA layers"):
         fused_lora.patch_peft_model(tiny_llama(device))
 

@@ -102,6 +102,8 @@ def _static_reason(layer) -> str | None:
     base = layer.get_base_layer()
     if not (type(base) is nn.Linear or _is_conv1d(base)) or not base.weight.is_floating_point():
         return f"quantized or custom base layer ({type(base).__name__})"
+    if base._forward_pre_hooks or base._forward_hooks or hasattr(base, "_hf_hook"):
+        return "base layer has forward hooks (e.g. accelerate offloading)"  # we read its weight directly
     if any(getattr(layer, "use_dora", {}).values()) or getattr(layer, "lora_variant", None):
         return "DoRA / LoRA variant"
     if any(getattr(layer, "lora_bias", {}).values()):
