@@ -1,5 +1,6 @@
 """What ``compile_check`` compiles: every shipped configuration of every kernel, each in the heaviest
-variant the configuration filters (``kernels.configs.keep_*``) let it run."""
+variant the configuration filters (``kernels.configs.keep_*``) let it run, with the strides of
+contiguous tensors at a realistic size (the unit strides become constants, as in a real launch)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from .compile_check import ARCHS, Job
 
 RANK_BUCKETS = (16, 32, 64, 128, 256)
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# (label, activations, adapters, dX with dropout?) — the fp32-adapter variants are the heaviest.
+GEMM_VARIANTS = (
+    ("y+bias, bf16 x/W, fp32 A/B", "bf16", "fp32", False),
+    ("y+bias, bf16 x/W/A/B", "bf16", "bf16", False),
+    ("dX+dropout, bf16, fp32 A/B", "bf16", "fp32", True),
+    ("y+bias, fp32 (tf32x3)", "fp32", "fp32", False),
+    ("dX+dropout, fp32 (tf32x3)", "fp32", "fp32", True),
+)
 
 
 def _precision(dt: str) -> str:
@@ -18,68 +28,45 @@ def _cfg_name(c) -> str:
     return "x".join(map(str, tiles)) + f" w{c.num_warps} s{c.num_stages}"
 
 
-def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
-    M, N, K = sizes["M"], sizes["N"], sizes["K"]
-    r = 64
-    if backward:  # dX [M, K] = dY [M, N] · W [N, K] + g [M, r] · A [r, K]
-        strides = dict(
-            stride_pm=N,
-            stride_pk=1,
-            stride_qk=K,
-            stride_qn=1,
-            stride_lm=r,
-            stride_lr=1,
-            stride_rr=K,
-            stride_rn=1,
-            stride_om=K,
-            stride_on=1,
-        )
-        n_out, k_red = K, N
-    else:  # y [M, N] = x [M, K] · Wᵀ + xa [M, r] · Bᵀ
-        strides = dict(
-            stride_pm=K,
-            stride_pk=1,
-            stride_qk=1,
-            stride_qn=K,
-            stride_lm=r,
-            stride_lr=1,
-            stride_rr=1,
-            stride_rn=r,
-            stride_om=N,
-            stride_on=1,
-        )
-        n_out, k_red = N, K
-    return dict(
-        stride_bias=1,
-        p_ptr="*" + dt,
-        q_ptr="*" + dt,
-        l_ptr="*fp32",
-        r_ptr="*" + lora_dt,
-        bias_ptr="*" + dt,
-        out_ptr="*" + dt,
-        seed_ptr="*i64",
-        M=M,
-        N=n_out,
-        K=k_red,
-        R=r,
-        M_BUCKET=M,
-        scale="fp32",
-        threshold="i32",
-        **strides,
-    )
-
-
 def _admitted(keep, *args) -> tuple[int, ...]:
     return tuple(arch for arch in ARCHS if keep(*args, arch))
 
 
-GEMM_VARIANTS = (  # (label, activations, adapters, dX with dropout?)
-    ("y+bias, bf16 x/W, fp32 A/B", "bf16", "fp32", False),
-    ("y+bias, bf16 x/W/A/B", "bf16", "bf16", False),
-    ("dX+dropout, bf16, fp32 A/B", "bf16", "fp32", True),
-    ("y+bias, fp32 (tf32x3)", "fp32", "fp32", False),
-    ("dX+dropout, fp32 (tf32x3)", "fp32", "fp32", True),
-)
+def _job(kernel: str, module: str, c, variant: str, args: dict, meta: dict, archs, mma: bool) -> Job:
+    return Job(kernel, module, _cfg_name(c), variant, args, meta, c.num_warps, c.num_stages, mma, archs)
+
+
+# fmt: off
+def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
+    M, N, K, r = sizes["M"], sizes["N"], sizes["K"], 64
+    if backward:  # dX [M, K] = dY [M, N] · W [N, K] + g [M, r] · A [r, K]
+        strides = dict(stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=r, stride_lr=1,
+                       stride_rr=K, stride_rn=1, stride_om=K, stride_on=1)
+        n_out, k_red = K, N
+    else:  # y [M, N] = x [M, K] · Wᵀ + xa [M, r] · Bᵀ
+        strides = dict(stride_pm=K, stride_pk=1, stride_qk=1, stride_qn=K, stride_lm=r, stride_lr=1,
+                       stride_rr=1, stride_rn=r, stride_om=N, stride_on=1)
+        n_out, k_red = N, K
+    return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
+                out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, M_BUCKET=M, stride_bias=1,
+                scale="fp32", threshold="i32", **strides)
+
+
+def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
+    M, K = sizes["M"], sizes["K"]
+    return dict(x_ptr="*" + dt, a_ptr="*fp32", xa_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=r, M_BUCKET=M,
+                stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_om=r, stride_or=1,
+                threshold="i32", keep_scale="fp32")
+
+
+def _grad_args(dt: str, sizes: dict, r: int) -> dict:
+    M, N, K = sizes["M"], sizes["N"], sizes["K"]
+    return dict(dy_ptr="*" + dt, b_ptr="*fp32", xa_ptr="*fp32", x_ptr="*" + dt, g_ptr="*fp32", db_ptr="*fp32",
+                da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r, M_BUCKET=M,
+                stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
+                stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
+                stride_dap=0, stride_dar=K, stride_dak=1, scale_db="fp32", scale_da="fp32", threshold="i32")
+# fmt: on
 
 
 def gemm_jobs(sizes: dict) -> list[Job]:
@@ -89,33 +76,12 @@ def gemm_jobs(sizes: dict) -> list[Job]:
     for c in GEMM:
         for label, dt, lora_dt, backward in GEMM_VARIANTS:
             archs = _admitted(keep_gemm, c, BYTES[dt], backward)
-            if not archs:
-                continue
-            meta = dict(
-                R_CHUNK=GEMM_R_CHUNK,
-                HAS_BIAS=not backward,
-                DROPOUT=backward,
-                LORA_DTYPE="tl." + lora_dt,
-                FP32_PRECISION=_precision(dt),
-                BLOCK_M=c.BLOCK_M,
-                BLOCK_N=c.BLOCK_N,
-                BLOCK_K=c.BLOCK_K,
-                GROUP_M=c.GROUP_M,
-            )
-            jobs.append(
-                Job(
-                    "_lora_gemm_kernel",
-                    "lora_gemm",
-                    _cfg_name(c),
-                    label,
-                    _gemm_args(dt, lora_dt, sizes, backward),
-                    meta,
-                    c.num_warps,
-                    c.num_stages,
-                    mma_expected=True,
-                    archs=archs,
-                )
-            )
+            if archs:
+                meta = dict(R_CHUNK=GEMM_R_CHUNK, HAS_BIAS=not backward, DROPOUT=backward,
+                            LORA_DTYPE="tl." + lora_dt, FP32_PRECISION=_precision(dt), BLOCK_M=c.BLOCK_M,
+                            BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)  # fmt: skip
+                args = _gemm_args(dt, lora_dt, sizes, backward)
+                jobs.append(_job("_lora_gemm_kernel", "lora_gemm", c, label, args, meta, archs, mma=True))
     return jobs
 
 
@@ -133,121 +99,29 @@ def _stream_variants(c, keep, cap=lambda dt: 256) -> list[tuple[str, int, tuple[
 def shrink_jobs(sizes: dict) -> list[Job]:
     from fused_lora.kernels.configs import SHRINK, keep_shrink
 
-    M, K = sizes["M"], sizes["K"]
     jobs = []
     for c in SHRINK:
         for dt, r, archs in _stream_variants(c, keep_shrink):
-            args = dict(
-                x_ptr="*" + dt,
-                a_ptr="*fp32",
-                xa_ptr="*fp32",
-                seed_ptr="*i64",
-                M=M,
-                K=K,
-                R=r,
-                M_BUCKET=M,
-                stride_xm=K,
-                stride_xk=1,
-                stride_ar=K,
-                stride_ak=1,
-                stride_om=r,
-                stride_or=1,
-                threshold="i32",
-                keep_scale="fp32",
-            )
-            meta = dict(
-                R_PAD=r,
-                DROPOUT=True,
-                LORA_DTYPE="tl.fp32",
-                FP32_PRECISION=_precision(dt),
-                BLOCK_M=c.BLOCK_M,
-                BLOCK_K=c.BLOCK_K,
-                SPLIT_K=c.SPLIT_K,
-            )
-            jobs.append(
-                Job(
-                    "_shrink_kernel",
-                    "shrink",
-                    _cfg_name(c),
-                    f"dropout {dt}, fp32 A, r<={r}",
-                    args,
-                    meta,
-                    c.num_warps,
-                    c.num_stages,
-                    mma_expected=False,
-                    archs=archs,
-                )
-            )
+            meta = dict(R_PAD=r, DROPOUT=True, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
+                        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)  # fmt: skip
+            variant = f"dropout {dt}, fp32 A, r<={r}"
+            args = _shrink_args(dt, sizes, r)
+            jobs.append(_job("_shrink_kernel", "shrink", c, variant, args, meta, archs, mma=False))
     return jobs
 
 
 def grad_jobs(sizes: dict) -> list[Job]:
     from fused_lora.kernels.configs import GRAD, grad_r_block, keep_grad
 
-    M, N, K = sizes["M"], sizes["N"], sizes["K"]
     jobs = []
     for c in GRAD:
         for dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
-            args = dict(
-                dy_ptr="*" + dt,
-                b_ptr="*fp32",
-                xa_ptr="*fp32",
-                x_ptr="*" + dt,
-                g_ptr="*fp32",
-                db_ptr="*fp32",
-                da_ptr="*fp32",
-                seed_ptr="*i64",
-                M=M,
-                N=N,
-                K=K,
-                R=r,
-                M_BUCKET=M,
-                stride_dym=N,
-                stride_dyn=1,
-                stride_bn=r,
-                stride_br=1,
-                stride_xam=r,
-                stride_xar=1,
-                stride_xm=K,
-                stride_xk=1,
-                stride_gm=r,
-                stride_gr=1,
-                stride_dbp=0,
-                stride_dbn=r,
-                stride_dbr=1,
-                stride_dap=0,
-                stride_dar=K,
-                stride_dak=1,
-                scale_db="fp32",
-                scale_da="fp32",
-                threshold="i32",
-            )
-            meta = dict(
-                R_BLOCK=r,
-                STORE_G=True,
-                COMPUTE_DB=True,
-                COMPUTE_DA=True,
-                DROPOUT=True,
-                DETERMINISTIC=False,
-                LORA_DTYPE="tl.fp32",
-                FP32_PRECISION=_precision(dt),
-                BLOCK_M=c.BLOCK_M,
-                BLOCK_N=c.BLOCK_N,
-            )
-            jobs.append(
-                Job(
-                    "_lora_grad_kernel",
-                    "lora_grad",
-                    _cfg_name(c),
-                    f"dropout {dt}, fp32 A/B, r<={r}",
-                    args,
-                    meta,
-                    c.num_warps,
-                    c.num_stages,
-                    mma_expected=False,
-                    archs=archs,
-                )
-            )
+            meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True,
+                        DETERMINISTIC=False, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
+                        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)  # fmt: skip
+            variant = f"dropout {dt}, fp32 A/B, r<={r}"
+            args = _grad_args(dt, sizes, r)
+            jobs.append(_job("_lora_grad_kernel", "lora_grad", c, variant, args, meta, archs, mma=False))
     return jobs
 
 
