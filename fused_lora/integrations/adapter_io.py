@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layer import LoRALinear
-from .inject import find_targets, lora_layers, mark_only_lora_as_trainable
+from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,8 +172,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                 merge_weights=False,
                 lora_dtype=a.dtype,
             )
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, n, layer)
         mark_only_lora_as_trainable(model)
     with torch.no_grad():
         for n in names:

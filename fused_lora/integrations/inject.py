@@ -128,11 +128,16 @@ def inject_lora(
         for n in names
     }
     for n, layer in new.items():
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, n, layer)
     mark_only_lora_as_trainable(model)
     params = list(model.parameters())
     return InjectReport(names, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` inside `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _check_bias(bias: str) -> None:
