@@ -105,9 +105,8 @@ def _ptxas(ptx: str, arch: int) -> tuple[int, int, str, str]:
         with open(src, "w") as f:
             f.write(ptx)
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run(
-            [os.path.join(bin_dir, "ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", cubin], capture_output=True, text=True
-        )
+        cmd = [os.path.join(bin_dir, "ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", cubin]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         log = out.stdout + out.stderr
         if out.returncode:
             raise RuntimeError(log[-400:])
@@ -179,10 +178,8 @@ def format_table(rows: list[Row]) -> str:
         if r.note:
             status += f" ({r.note})"
         per_iter = f"{r.per_iteration} ({r.loop_mmas} mma)" if r.loop_mmas else "-"
-        lines.append(
-            (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma,
-             "yes" if r.tma else "-", "yes" if r.persistent else "-", per_iter, status)  # fmt: skip
-        )
+        cells = (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma)
+        lines.append((*cells, "yes" if r.tma else "-", "yes" if r.persistent else "-", per_iter, status))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 

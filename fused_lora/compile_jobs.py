@@ -193,7 +193,8 @@ def grad_jobs(sizes: dict) -> list[Job]:
 
 def mask_jobs(sizes: dict) -> list[Job]:
     args = dict(seed_ptr="*i64", out_ptr="*i8", M=sizes["M"], K=sizes["K"], stride_om=sizes["K"], threshold="i32")
-    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args, dict(BLOCK_M=32, BLOCK_K=128), 4, 1, False)]
+    meta = dict(BLOCK_M=32, BLOCK_K=128)
+    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args, meta, 4, 1, False)]
 
 
 def all_jobs(sizes: dict) -> list[Job]:

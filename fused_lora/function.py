@@ -19,12 +19,13 @@ the kernels' own mask, so second derivatives are right too.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from . import impl, reference
-from .backend import resolve_backend
+from .backend import interpreting, resolve_backend
 from .validation import check_dropout, check_kernel_dtypes, check_lora_inputs, check_scaling
 
 _kernels = None
@@ -167,14 +168,27 @@ def lora_linear(
         if isinstance(lora_A, torch.Tensor) and lora_A.dtype != torch.float32:
             lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
     check_lora_inputs(x, weight, lora_A, lora_B, bias)
-    scaling = check_scaling(scaling)
-    p = check_dropout(dropout_p) if training else 0.0
+    p = check_dropout(dropout_p)  # checked in eval too: a bad value must not wait for train() to surface
+    p = p if training else 0.0
+    backend = resolve_backend(x.device)
+    learnable_scale = isinstance(scaling, torch.Tensor) and scaling.requires_grad and backend == "reference"
+    if not learnable_scale:  # the reference backend lets autograd see a learnable scale; kernels refuse it
+        scaling = check_scaling(scaling)
     guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
     with guard:
-        if resolve_backend(x.device) == "reference":
+        if backend == "reference":
             return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
         check_kernel_dtypes(x)
+        if x.dtype == torch.bfloat16 and interpreting():
+            # Triton's interpreter multiplies bf16 tl.dot operands wrongly (triton-lang/triton#11584)
+            warnings.warn(
+                "bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products wrongly, "
+                "so this call runs the reference implementation instead of the kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
         if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         return LoRALinearFunction.apply(

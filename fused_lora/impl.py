@@ -80,7 +80,8 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool) -> torch.
         c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias)
         return c.addmm_(x2, weight.t())
 
-    key = ("fwd", x2.dtype, lora_B.dtype, x2.shape[0], weight.shape[0], x2.shape[1], lora_B.shape[1], 0.0, bias is not None)
+    M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]
+    key = ("fwd", x2.dtype, lora_B.dtype, M, N, K, r, 0.0, bias is not None)
     return _run(key, fused, hybrid, deterministic, x2.device)
 
 
@@ -94,7 +95,8 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
         t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
         return t.addmm_(dy2, weight)
 
-    key = ("bwd", dy2.dtype, lora_A.dtype, dy2.shape[0], weight.shape[1], dy2.shape[1], lora_A.shape[0], dropout_p, False)
+    M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]
+    key = ("bwd", dy2.dtype, lora_A.dtype, M, K, N, r, dropout_p, False)
     return _run(key, fused, hybrid, deterministic, dy2.device)
 
 

@@ -147,7 +147,7 @@ def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: boo
     low-rank product is a second accumulator of that size); fp32 operands with BLOCK_K <= 32; the
     pipeline within shared memory."""
     acc = c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
-    if acc > _gemm_acc_limit(elem_bytes, dropout, arch, tma) or dropout and acc // c.SUBTILES > 32:
+    if acc > _gemm_acc_limit(elem_bytes, dropout, arch, tma) or (dropout and acc // c.SUBTILES > 32):
         return False
     if elem_bytes == 4 and c.BLOCK_K > 32:
         return False

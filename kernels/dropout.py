@@ -74,7 +74,7 @@ def _dropout_mask_kernel(
 
 def drop_threshold(dropout_p: float) -> int:
     """round(p · 2^16): an element is dropped when its 16-bit draw falls below it."""
-    return int(round(float(dropout_p) * (1 << DRAW_BITS)))
+    return round(float(dropout_p) * (1 << DRAW_BITS))
 
 
 def effective_dropout_p(dropout_p: float) -> float:

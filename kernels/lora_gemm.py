@@ -34,7 +34,16 @@ from .configs import name as config_name
 from .dropout import drop_threshold
 from .epilogue import finish_tile
 from .precision import lora_mode, main_precision
-from .utils import bucket, launch, num_programs, rank_pad, tile_coords, tma_compatible
+from .utils import (
+    bucket,
+    check_interpretable,
+    launch,
+    num_programs,
+    rank_pad,
+    row_padded,
+    tile_coords,
+    tma_compatible,
+)
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -128,8 +137,6 @@ def tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return t, False
     if tma_compatible(t.t()):
         return t, True
-    from .utils import row_padded
-
     padded = row_padded(t.shape[1], t.shape[0], t.device, t.dtype)
     padded.copy_(t.t())
     return padded.t(), True
@@ -160,6 +167,7 @@ def lora_gemm(
     M, K = p.shape
     N = q.shape[1]
     R = l.shape[1]
+    check_interpretable(p, q, r)
     if out is None:
         out = torch.empty((M, N), dtype=p.dtype, device=p.device)
     if M == 0 or N == 0:
@@ -205,8 +213,6 @@ def lora_gemm(
 
 
 def _padded_copy(t: torch.Tensor) -> torch.Tensor:
-    from .utils import row_padded
-
     padded = row_padded(t.shape[0], t.shape[1], t.device, t.dtype)
     padded.copy_(t)
     return padded

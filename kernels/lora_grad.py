@@ -31,7 +31,7 @@ from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
 from .precision import lora_dot, lora_mode, native_16bit
-from .utils import bucket, launch, rank_pad, row_padded
+from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
 
 
 # fmt: off
@@ -152,6 +152,7 @@ def lora_grad(
     M, N = dy.shape
     K = x.shape[1]
     R = lora_B.shape[1]
+    check_interpretable(dy, lora_B, x)
     dev = dy.device
     if M == 0:
         zeros = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)

@@ -25,7 +25,7 @@ from .dropout import drop_threshold
 from .epilogue import finish_tile
 from .lora_gemm import tma_operand
 from .precision import lora_mode
-from .utils import bucket, launch, rank_pad, tile_coords, tma_compatible
+from .utils import bucket, check_interpretable, launch, rank_pad, tile_coords, tma_compatible
 
 
 # fmt: off
@@ -80,6 +80,7 @@ def low_rank(
     r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0."""
     M, R = l.shape
     N = r.shape[1]
+    check_interpretable(r)
     out = torch.empty((M, N), dtype=out_dtype, device=l.device)
     if M == 0 or N == 0:
         return out

@@ -25,7 +25,7 @@ from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
 from .precision import lora_dot, native_16bit
-from .utils import bucket, launch, rank_pad, row_padded
+from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
 
 
 # fmt: off
@@ -95,6 +95,7 @@ def shrink(
     """
     M, K = x.shape
     R = lora_A.shape[0]
+    check_interpretable(x, lora_A)
     dropout = dropout_p > 0.0
     mode, mode_dtype = native_16bit(x.dtype, lora_A.dtype)
     variant = dict(R_PAD=rank_pad(R), DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -17,10 +18,22 @@ from triton.runtime import _allocation
 # How many times each kernel was launched in this process, by kernel name. Tests read it to prove that
 # the Triton kernels (not the reference) produced a result; benchmarks ignore it.
 LAUNCHES: collections.Counter[str] = collections.Counter()
+_INTERPRETER_LOCK = threading.Lock()
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its numpy interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_interpretable(*tensors) -> None:
+    """Under the interpreter, refuse bf16 operands of matrix products: Triton's interpreter multiplies
+    them wrongly (values ~1e10, triton-lang/triton#11584), and a wrong answer must never come back."""
+    if interpreting() and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError(
+            "bf16 tensors under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products "
+            "wrongly; use fp16/fp32 here, the 'reference' backend, or a GPU"
+        )
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -34,8 +47,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         if first.device.type == "cuda":
             with torch.cuda.device(first.device):
                 kernel[grid](*args, **kwargs)
-        else:
-            kernel[grid](*args, **kwargs)
+        else:  # Triton's interpreter patches triton.language globally while it runs: one launch at a time
+            with _INTERPRETER_LOCK:
+                kernel[grid](*args, **kwargs)
 
 
 @contextlib.contextmanager
