@@ -180,7 +180,7 @@ def lora_linear(
         if backend == "reference":
             return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
         check_kernel_dtypes(x)
-        if x.dtype == torch.bfloat16 and interpreting():
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting():
             # Triton's interpreter multiplies bf16 tl.dot operands wrongly (triton-lang/triton#11584)
             warnings.warn(
                 "bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products wrongly, "
