@@ -118,7 +118,7 @@ def test_double_backward_matches_the_reference(p, device):
 
 
 def test_learnable_scaling_is_refused_by_the_kernels_and_differentiated_by_the_reference(device):
-    x, w, a, b, bias = lora_inputs(5, 8, 6, 2, device=device)
+    x, w, a, b, _ = lora_inputs(5, 8, 6, 2, device=device)
     s = torch.tensor(2.0, device=device, requires_grad=True)
     with pytest.raises(TypeError, match="scaling requires grad"):
         fused_lora.lora_linear(x, w, a, b, s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_function import fused
 
 import fused_lora
 from fused_lora import impl
@@ -16,7 +17,6 @@ from fused_lora.kernels import LAUNCHES, configs, dropout_mask, effective_dropou
 from fused_lora.kernels.lora_gemm import tma_path
 
 from helpers import lora_inputs
-from test_function import fused
 from test_parity import DTYPE_IDS, DTYPES, check_parity
 
 
