@@ -56,8 +56,8 @@ def test_forward_and_backward_agree_on_the_mask_whatever_the_tiles(device):
     function of (seed, m, k) only, so the gradients equal those of a run with the same tiles both ways."""
     x, w, a, b, bias = lora_inputs(45, 70, 38, 6, device=device)
     dy = torch.randn(45, 38, device=device)
-    names = {t: [configs.name(c) for c in table] for t, table in
-             (("gemm", configs.gemm_table()), ("shrink", configs.shrink_table()), ("grad", configs.grad_table()))}  # fmt: skip
+    tables = {"gemm": configs.gemm_table(), "shrink": configs.shrink_table(), "grad": configs.grad_table()}
+    names = {t: [configs.name(c) for c in table] for t, table in tables.items()}
 
     def run(fwd: int, bwd: int, which: str = "fused"):
         xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
