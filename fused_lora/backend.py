@@ -65,8 +65,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on `device`."""
+    """'triton' or 'reference' for tensors on `device`. Under torch.compile it is read once, when a
+    graph is traced, and baked into it (switching backends afterwards needs ``torch._dynamo.reset()``)."""
     name = get_backend()
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"
