@@ -76,7 +76,7 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) ->
         n_out, k_red = N, K
     return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
                 out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
-                threshold="i32", **strides)
+                threshold="i32", group_n="i32", groups_ptr="*i32", **strides)
 
 
 def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
@@ -85,7 +85,7 @@ def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
     lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
     return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr="*" + dt, seed_ptr="*i64",
                 M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
-                threshold="i32", **lr)
+                threshold="i32", group_n="i32", groups_ptr="*i32", **lr)
 
 
 def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
@@ -118,8 +118,9 @@ def gemm_jobs(sizes: dict) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else archs
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False),
-                            MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32", TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
+                            **_modes(dt, lora_dt, kept=False), TMA=tma,
+                            MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32",
                             Q_NK=tma and not backward, R_NR=tma and not backward, NUM_PROGRAMS=0,
                             R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
                             GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
@@ -141,7 +142,8 @@ def low_rank_jobs(sizes: dict) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else tuple(a for a in archs if a < 90)
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False), TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
+                            **_modes(dt, lora_dt, kept=False), TMA=tma,
                             R_NR=tma and not backward, R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
                             BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
                 args = _low_rank_args(dt, lora_dt, sizes, backward)

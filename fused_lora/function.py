@@ -48,11 +48,14 @@ class LoRALinearFunction:
     autograd; use :func:`lora_linear`, which checks inputs and picks a backend."""
 
     @staticmethod
-    def apply(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool):
+    def apply(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool, groups=None):
         K, N = x.shape[-1], weight.shape[0]
         x2 = x.reshape(x.shape[:-1].numel(), K)  # a view unless x's leading dims cannot be flattened
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
-        y2, _ = ops.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic)
+        group_n, bounds = groups if groups is not None else (0, None)
+        y2, _ = ops.lora_linear_fwd(
+            x2, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, bounds
+        )
         return y2.view(*x.shape[:-1], N)
 
 
@@ -71,6 +74,8 @@ def lora_linear(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
+    *,
+    groups: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + bias + scaling·(drop(x)·lora_Aᵀ)·lora_Bᵀ, fused (see the module docstring).
 
@@ -80,6 +85,10 @@ def lora_linear(
 
     Under ``torch.autocast`` it behaves as ``nn.Linear`` does: x, weight and bias are cast to the
     autocast dtype and so is the output; fp32 adapters stay fp32 (the kernels read them as they are).
+
+    `groups` (MergedLinear's block-structured B: rows of group q are zero outside rank columns
+    bounds[q] .. bounds[q + 1]) = (group_n, bounds int32 [G + 1] on x's device) lets each output tile
+    multiply only its groups' rank columns; the result is the same as without it.
     """
     cast = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if cast is not None:  # as nn.Linear under autocast: x, W, bias in the autocast dtype; fp32 adapters stay
@@ -112,7 +121,7 @@ def lora_linear(
         if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         return LoRALinearFunction.apply(
-            x, weight, bias, lora_A, lora_B, scaling, p, torch.are_deterministic_algorithms_enabled()
+            x, weight, bias, lora_A, lora_B, scaling, p, torch.are_deterministic_algorithms_enabled(), groups
         )
 
 

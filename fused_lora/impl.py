@@ -70,14 +70,15 @@ def use_impl(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool) -> torch.Tensor:
-    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem."""
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None) -> torch.Tensor:
+    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem (`groups`: see
+    kernels.lora_gemm)."""
 
     def fused():
-        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic)
+        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
 
     def hybrid():
-        c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias)
+        c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias, groups=groups)
         return c.addmm_(x2, weight.t())
 
     M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]

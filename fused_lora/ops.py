@@ -1,7 +1,8 @@
 """The fused layer as two PyTorch custom operators — the unit that torch.compile, CUDA graphs and FSDP see.
 
     fused_lora::lora_linear_fwd(x [M, K], weight [N, K], bias [N]?, lora_A [r, K], lora_B [N, r], seed [1]?,
-                                scaling, dropout_p, deterministic) -> (y [M, N], xa [M, r] fp32)
+                                scaling, dropout_p, deterministic, group_n, group_bounds [G + 1]?)
+                                -> (y [M, N], xa [M, r] fp32)
     fused_lora::lora_linear_bwd(dy [M, N], x, weight, lora_A, lora_B, xa, seed?, scaling, dropout_p,
                                 deterministic, need_x, need_A, need_B) -> (dx [M, K], dA [r, K], dB [N, r])
 
@@ -54,16 +55,21 @@ def lora_linear_fwd(
     scaling: float,
     dropout_p: float,
     deterministic: bool,
+    group_n: int = 0,
+    group_bounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa): y = x·Wᵀ + bias + xa·Bᵀ with xa = s·drop(x)·Aᵀ, for 2-D x."""
+    """(y, xa): y = x·Wᵀ + bias + xa·Bᵀ with xa = s·drop(x)·Aᵀ, for 2-D x. With `group_bounds` (grouped
+    adapters, MergedLinear) output column n only multiplies rank columns bounds[n // group_n] ..
+    bounds[n // group_n + 1] — the rest of its row of B is zero."""
     k = _k()
     xa = k.shrink(x, lora_A, scale=scaling, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
-    y = impl.forward_gemm(k, x, weight, xa, lora_B, bias, deterministic)
+    groups = (group_n, group_bounds) if group_bounds is not None else None
+    y = impl.forward_gemm(k, x, weight, xa, lora_B, bias, deterministic, groups)
     return y, xa
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic):
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n=0, group_bounds=None):
     return x.new_empty((x.shape[0], weight.shape[0])), _padded_fp32(x, x.shape[0], lora_A.shape[0])
 
 
@@ -107,7 +113,7 @@ def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic = inputs
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic = inputs[:9]
     _, xa = output
     ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
@@ -120,13 +126,14 @@ def _backward(ctx, dy, _dxa):
     need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
         grads = differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
     dx, dA, dB = torch.ops.fused_lora.lora_linear_bwd(
         dy, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.deterministic, need_x, need_A, need_B
     )
     dw = (dy.t() @ x).to(weight.dtype) if need_w else None
     dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
-    return (dx if need_x else None, dw, dbias, dA if need_A else None, dB if need_B else None, None, None, None, None)
+    dx, dA, dB = (dx if need_x else None), (dA if need_A else None), (dB if need_B else None)
+    return (dx, dw, dbias, dA, dB, None, None, None, None, None, None)
 
 
 def differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed):
