@@ -87,6 +87,28 @@ def finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, thresho
         tl.store(ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# fmt: off
+@triton.jit
+def epilogue_operands(l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
+                      TMA: tl.constexpr, R_NR: tl.constexpr, DROPOUT: tl.constexpr):
+    # fmt: on
+    """(L, R, out) as the epilogue reads and writes them: TMA descriptors (made once per program; R as
+    its [N, r] transpose when R_NR, R's slices one epilogue slice wide with dropout) or the pointers."""
+    if TMA:
+        W: tl.constexpr = BLOCK_N // SUBTILES
+        RW: tl.constexpr = W if DROPOUT else BLOCK_N  # columns of R one epilogue product reads
+        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
+        if R_NR:
+            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
+        else:
+            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
+        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
+        return l_src, r_src, o_dst
+    else:
+        return l_ptr, r_ptr, out_ptr
+
+
 @triton.jit
 def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS] -> its left and right [ROWS, COLS // 2] halves (registers only)."""

@@ -32,7 +32,7 @@ from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold
-from .epilogue import finish_tile
+from .epilogue import epilogue_operands, finish_tile
 from .precision import lora_mode, main_precision
 from .utils import (
     bucket,
@@ -73,23 +73,16 @@ def _lora_gemm_kernel(
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     seed = tl.load(seed_ptr) if DROPOUT else 0
-    W: tl.constexpr = BLOCK_N // SUBTILES
-    RW: tl.constexpr = W if DROPOUT else BLOCK_N  # columns of R one epilogue product reads
-    if TMA:
-        # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ); R_NR: R of an [N, r] one (Bᵀ).
+    if TMA:  # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ)
         p_src = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
         if Q_NK:
             q_src = tl.make_tensor_descriptor(q_ptr, [N, K], [stride_qn, 1], [BLOCK_N, BLOCK_K])
         else:
             q_src = tl.make_tensor_descriptor(q_ptr, [K, N], [stride_qk, 1], [BLOCK_K, BLOCK_N])
-        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
-        if R_NR:
-            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
-        else:
-            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
-        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
-    else:
-        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
+    l_src, r_src, o_dst = epilogue_operands(
+        l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+        BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, DROPOUT,
+    )  # fmt: skip
 
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=TMA):
         pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)

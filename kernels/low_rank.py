@@ -22,7 +22,7 @@ from .configs import R_CHUNK, GemmConfig, admitted, device_arch, gemm_table, kee
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold
-from .epilogue import finish_tile
+from .epilogue import epilogue_operands, finish_tile
 from .lora_gemm import tma_operand
 from .precision import lora_mode
 from .utils import bucket, check_interpretable, launch, rank_pad, tile_coords, tma_compatible
@@ -49,17 +49,10 @@ def _low_rank_kernel(
     # fmt: on
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     seed = tl.load(seed_ptr) if DROPOUT else 0
-    W: tl.constexpr = BLOCK_N // SUBTILES
-    RW: tl.constexpr = W if DROPOUT else BLOCK_N
-    if TMA:
-        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
-        if R_NR:
-            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
-        else:
-            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
-        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
-    else:
-        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
+    l_src, r_src, o_dst = epilogue_operands(
+        l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+        BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, DROPOUT,
+    )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr,
                 group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
