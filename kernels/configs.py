@@ -248,3 +248,108 @@ def shrink_configs() -> list[triton.Config]:
 
 def grad_configs() -> list[triton.Config]:
     return [_as_triton(GRAD_INTERPRET)] if interpreting() else [_as_triton(c) for c in GRAD]
+
+
+# ======================================================================================================
+# Embedding (issue 9: fused_lora.Embedding). Appended block: the kernels live in kernels/embedding.py.
+# ======================================================================================================
+
+
+class EmbeddingConfig(NamedTuple):
+    BLOCK_T: int  # tokens per program
+    BLOCK_D: int  # embedding columns per tile (streamed along D)
+    SPLIT_D: int  # forward only: programs sharing one token band's D tiles (1 in the backward)
+    num_warps: int
+    num_stages: int
+    max_rank_16: int  # largest rank slice it serves with 16-bit tables (measured: no spills)
+    max_rank_32: int  # ... with fp32 tables
+
+
+# Forward: y = W[idx] + s·A[:, idx]ᵀ·Bᵀ. Memory-bound (one gathered read of W's rows, one write of y);
+# SPLIT_D > 1 keeps the GPU full when there are few tokens.
+EMBEDDING_FWD = [
+    EmbeddingConfig(32, 128, 1, 4, 2, 64, 64),
+    EmbeddingConfig(64, 128, 1, 4, 2, 64, 64),
+    EmbeddingConfig(16, 256, 1, 4, 2, 64, 64),
+    EmbeddingConfig(16, 128, 4, 4, 2, 64, 64),
+    EmbeddingConfig(32, 256, 2, 8, 2, 64, 64),
+]
+# Backward: g = dY·B and dB = s·dYᵀ·A[:, idx]ᵀ from one pass over dY, then dA scattered by index.
+EMBEDDING_BWD = [
+    EmbeddingConfig(32, 64, 1, 4, 2, 64, 32),
+    EmbeddingConfig(64, 64, 1, 4, 2, 64, 32),
+    EmbeddingConfig(64, 64, 1, 8, 2, 64, 32),
+    EmbeddingConfig(16, 128, 1, 4, 2, 64, 32),
+]
+EMBEDDING_FWD_INTERPRET = EmbeddingConfig(16, 32, 2, 4, 1, 256, 256)
+EMBEDDING_BWD_INTERPRET = EmbeddingConfig(16, 32, 1, 4, 1, 256, 256)
+# The forward adds the low-rank term in rank slices of at most this many columns (one slice: the
+# gathered A columns are loaded once per program; more: re-gathered per D tile). The backward splits
+# larger ranks across programs (grad_r_block). 16 under the interpreter, so small tests cover both paths.
+EMBEDDING_R_CHUNK = 64
+EMBEDDING_R_CHUNK_INTERPRET = 16
+
+
+def embedding_r_chunk(r_pad: int) -> int:
+    return min(r_pad, EMBEDDING_R_CHUNK_INTERPRET if interpreting() else EMBEDDING_R_CHUNK)
+
+
+def keep_embedding(c: EmbeddingConfig, elem_bytes: int, r: int, arch: int) -> bool:
+    """Rank slice within the measured cap; pipelined tiles (a [BLOCK_T, BLOCK_D] table tile and a
+    [BLOCK_D, r] fp32 adapter tile per stage) within shared memory."""
+    if r > (c.max_rank_16 if elem_bytes == 2 else c.max_rank_32):
+        return False
+    return c.num_stages * c.BLOCK_D * (c.BLOCK_T * elem_bytes + r * 4) <= SMEM_LIMIT[arch] - SMEM_MARGIN
+
+
+def _embedding_table(kind: str):
+    if interpreting():
+        return [EMBEDDING_FWD_INTERPRET if kind == "fwd" else EMBEDDING_BWD_INTERPRET]
+    return EMBEDDING_FWD if kind == "fwd" else EMBEDDING_BWD
+
+
+def embedding_configs(kind: str) -> list[triton.Config]:
+    """Autotune candidates for the forward ("fwd") or backward ("bwd") embedding kernel."""
+    out = []
+    for c in _embedding_table(kind):
+        meta = {"BLOCK_T": c.BLOCK_T, "BLOCK_D": c.BLOCK_D}
+        if kind == "fwd":
+            meta["SPLIT_D"] = c.SPLIT_D
+        out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+def _embedding_entry(kind: str, c: triton.Config) -> EmbeddingConfig:
+    split = c.kwargs.get("SPLIT_D", 1)
+    return next(
+        e
+        for e in _embedding_table(kind)
+        if (e.BLOCK_T, e.BLOCK_D, e.num_warps, e.num_stages) == (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+        and (kind == "bwd" or e.SPLIT_D == split)
+    )
+
+
+def _prune_embedding(kind: str, table_arg: str, rank_arg: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t, r = args[table_arg], args[rank_arg]
+        arch = device_arch(t)
+        kept = [c for c in configs if keep_embedding(_embedding_entry(kind, c), t.element_size(), r, arch)]
+        return _first_or_all(kept, configs)
+
+    return prune
+
+
+prune_embedding_fwd = _prune_embedding("fwd", "w_ptr", "R_CHUNK")
+prune_embedding_bwd = _prune_embedding("bwd", "dy_ptr", "R_BLOCK")
+
+
+def embedding_deterministic_config(kind: str, elem_bytes: int, r: int, arch: int) -> dict:
+    """The fixed configuration deterministic mode launches: the first admitted entry, so the order of
+    every sum never depends on what an autotuner picked (the last entry past the checked ranks)."""
+    table = _embedding_table(kind)
+    c = next((e for e in table if interpreting() or keep_embedding(e, elem_bytes, r, arch)), table[-1])
+    meta = {"BLOCK_T": c.BLOCK_T, "BLOCK_D": c.BLOCK_D, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    if kind == "fwd":
+        meta["SPLIT_D"] = c.SPLIT_D
+    return meta
