@@ -267,39 +267,50 @@ class EmbeddingConfig(NamedTuple):
 
 # Forward: y = W[idx] + s·A[:, idx]ᵀ·Bᵀ. Memory-bound (one gathered read of W's rows, one write of y);
 # SPLIT_D > 1 keeps the GPU full when there are few tokens.
+# The rank caps (max_rank_*: the largest padded rank R_PAD the forward serves, the largest R_BLOCK the
+# backward serves) were measured with compile_check, sm_80 and sm_90a: zero spills. 0: never.
 EMBEDDING_FWD = [
-    EmbeddingConfig(32, 128, 1, 4, 2, 64, 64),
-    EmbeddingConfig(64, 128, 1, 4, 2, 64, 64),
-    EmbeddingConfig(16, 256, 1, 4, 2, 64, 64),
-    EmbeddingConfig(16, 128, 4, 4, 2, 64, 64),
-    EmbeddingConfig(32, 256, 2, 8, 2, 64, 64),
+    EmbeddingConfig(32, 128, 1, 4, 2, 64, 256),
+    EmbeddingConfig(64, 128, 1, 4, 2, 64, 0),
+    EmbeddingConfig(16, 256, 1, 4, 2, 256, 256),
+    EmbeddingConfig(16, 128, 4, 4, 2, 256, 256),
+    EmbeddingConfig(32, 256, 2, 8, 2, 256, 256),
 ]
 # Backward: g = dY·B and dB = s·dYᵀ·A[:, idx]ᵀ from one pass over dY, then dA scattered by index.
 EMBEDDING_BWD = [
-    EmbeddingConfig(32, 64, 1, 4, 2, 64, 32),
-    EmbeddingConfig(64, 64, 1, 4, 2, 64, 32),
-    EmbeddingConfig(64, 64, 1, 8, 2, 64, 32),
-    EmbeddingConfig(16, 128, 1, 4, 2, 64, 32),
+    EmbeddingConfig(32, 64, 1, 4, 2, 64, 16),
+    EmbeddingConfig(64, 64, 1, 4, 2, 64, 0),
+    EmbeddingConfig(64, 64, 1, 8, 2, 64, 16),
+    EmbeddingConfig(16, 128, 1, 4, 2, 64, 0),
 ]
 EMBEDDING_FWD_INTERPRET = EmbeddingConfig(16, 32, 2, 4, 1, 256, 256)
 EMBEDDING_BWD_INTERPRET = EmbeddingConfig(16, 32, 1, 4, 1, 256, 256)
-# The forward adds the low-rank term in rank slices of at most this many columns (one slice: the
-# gathered A columns are loaded once per program; more: re-gathered per D tile). The backward splits
-# larger ranks across programs (grad_r_block). 16 under the interpreter, so small tests cover both paths.
-EMBEDDING_R_CHUNK = 64
-EMBEDDING_R_CHUNK_INTERPRET = 16
+# Rank columns one program handles at a time, by table element size. Forward: the low-rank term is
+# added in rank slices of this width (one slice: the tokens' A columns are gathered once per program;
+# more: re-gathered per D tile). Backward: larger ranks split across programs, each re-reading its dY
+# band. fp32 tables run tf32x3, which splits every operand in two, hence the narrower slices (wider ones
+# spilled, measured by compile_check). 16 under the interpreter, so that small tests cover both paths.
+EMBEDDING_R_CHUNK = {2: 64, 4: 16}
+EMBEDDING_R_BLOCK = {2: 64, 4: 16}
+EMBEDDING_R_INTERPRET = 16
 
 
-def embedding_r_chunk(r_pad: int) -> int:
-    return min(r_pad, EMBEDDING_R_CHUNK_INTERPRET if interpreting() else EMBEDDING_R_CHUNK)
+def embedding_r_chunk(r_pad: int, elem_bytes: int) -> int:
+    return min(r_pad, EMBEDDING_R_INTERPRET if interpreting() else EMBEDDING_R_CHUNK[elem_bytes])
+
+
+def embedding_r_block(r_pad: int, elem_bytes: int) -> int:
+    return min(r_pad, EMBEDDING_R_INTERPRET if interpreting() else EMBEDDING_R_BLOCK[elem_bytes])
 
 
 def keep_embedding(c: EmbeddingConfig, elem_bytes: int, r: int, arch: int) -> bool:
-    """Rank slice within the measured cap; pipelined tiles (a [BLOCK_T, BLOCK_D] table tile and a
-    [BLOCK_D, r] fp32 adapter tile per stage) within shared memory."""
+    """`r` (R_PAD in the forward, R_BLOCK in the backward) within the measured cap; pipelined tiles (a
+    [BLOCK_T, BLOCK_D] table tile and a [BLOCK_D, rank slice] fp32 adapter tile per stage) within
+    shared memory."""
     if r > (c.max_rank_16 if elem_bytes == 2 else c.max_rank_32):
         return False
-    return c.num_stages * c.BLOCK_D * (c.BLOCK_T * elem_bytes + r * 4) <= SMEM_LIMIT[arch] - SMEM_MARGIN
+    cols = min(r, EMBEDDING_R_CHUNK[elem_bytes])
+    return c.num_stages * c.BLOCK_D * (c.BLOCK_T * elem_bytes + cols * 4) <= SMEM_LIMIT[arch] - SMEM_MARGIN
 
 
 def _embedding_table(kind: str):
@@ -340,7 +351,7 @@ def _prune_embedding(kind: str, table_arg: str, rank_arg: str):
     return prune
 
 
-prune_embedding_fwd = _prune_embedding("fwd", "w_ptr", "R_CHUNK")
+prune_embedding_fwd = _prune_embedding("fwd", "w_ptr", "R_PAD")
 prune_embedding_bwd = _prune_embedding("bwd", "dy_ptr", "R_BLOCK")
 
 

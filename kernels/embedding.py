@@ -29,8 +29,8 @@ from .configs import (
     device_arch,
     embedding_configs,
     embedding_deterministic_config,
+    embedding_r_block,
     embedding_r_chunk,
-    grad_r_block,
     prune_embedding_bwd,
     prune_embedding_fwd,
 )
@@ -98,7 +98,7 @@ def _lora_embedding_fwd_kernel(
             )
             low = tl.dot(at, bt.to(LORA_DTYPE), low, input_precision=FP32_PRECISION)
         else:
-            for c in tl.static_range(0, R_PAD // R_CHUNK):
+            for c in range(0, R_PAD // R_CHUNK):
                 offs_r = c * R_CHUNK + offs_c
                 at_c = _gather_at(a_ptr, idx, ok, offs_r, R, stride_ar, stride_av).to(LORA_DTYPE)
                 bt = tl.load(
@@ -237,9 +237,9 @@ def lora_embedding_forward(
     if T == 0 or D == 0:
         return y
     r_pad = rank_pad(R)
-    r_chunk = embedding_r_chunk(r_pad)
+    r_chunk = embedding_r_chunk(r_pad, weight.element_size())
     if deterministic:
-        cfg = embedding_deterministic_config("fwd", weight.element_size(), r_chunk, device_arch(weight))
+        cfg = embedding_deterministic_config("fwd", weight.element_size(), r_pad, device_arch(weight))
         kernel = _lora_embedding_fwd_kernel.fn
     else:
         cfg, kernel = {}, _lora_embedding_fwd_kernel
@@ -281,7 +281,7 @@ def lora_embedding_backward(
     dA = torch.zeros((R, V), dtype=torch.float32, device=dev) if need_dA else None
     if T == 0 or not (need_dA or need_dB):
         return dA, torch.zeros((D, R), dtype=torch.float32, device=dev) if need_dB else None
-    r_block = grad_r_block(rank_pad(R), dy.element_size())
+    r_block = embedding_r_block(rank_pad(R), dy.element_size())
     dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=dev)
     if deterministic:
         cfg = embedding_deterministic_config("bwd", dy.element_size(), r_block, device_arch(dy))
