@@ -222,13 +222,15 @@ def embedding_jobs(sizes: dict | None = None) -> list[Job]:
             args = dict(sorted_ptr="*i64", perm_ptr="*i64", g_ptr="*fp32", da_ptr="*fp32", T=T, R=r_block,
                         stride_gt=r_block, stride_gr=1, stride_dar=V, stride_dav=1)  # fmt: skip
             meta = dict(R_BLOCK=r_block, BLOCK_T=block_t)
-            jobs.append(Job("_embedding_da_segments_kernel", "embedding", f"{block_t} w4", f"deterministic dA, r<={r_block}",
-                            args, meta, 4, 1, mma_expected=False, archs=ARCHS))  # fmt: skip
+            variant = f"deterministic dA, r<={r_block}"
+            jobs.append(Job("_embedding_da_segments_kernel", "embedding", f"{block_t} w4", variant, args, meta, 4, 1,
+                            mma_expected=False, archs=ARCHS))  # fmt: skip
     return jobs
 
 
 _all_jobs_before_embedding = all_jobs
 
 
-def all_jobs(sizes: dict) -> list[Job]:  # noqa: F811 - extends the table above with the embedding's jobs
+def all_jobs(sizes: dict) -> list[Job]:
+    """Every job above, the embedding's included (this block only appends to the file)."""
     return _all_jobs_before_embedding(sizes) + embedding_jobs(sizes)

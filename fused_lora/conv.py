@@ -185,7 +185,8 @@ class _ConvLoRA(nn.Module):
         w = conv.weight
         delta = self.delta_weight()
         if self.training and self.lora_dropout_p > 0.0:
-            return conv._conv_forward(x, w, conv.bias) + conv._conv_forward(self.lora_dropout(x), delta.to(w.dtype), None)
+            low = conv._conv_forward(self.lora_dropout(x), delta.to(w.dtype), None)
+            return conv._conv_forward(x, w, conv.bias) + low
         return conv._conv_forward(x, (w.float() + delta).to(w.dtype), conv.bias)
 
     def extra_repr(self) -> str:

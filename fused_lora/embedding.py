@@ -39,6 +39,7 @@ from .validation import check_rank, check_scaling
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EMBEDDING_OPTIONS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
 class IndexOutOfRangeError(ValueError, IndexError):
@@ -123,8 +124,8 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
         flat = idx.reshape(-1)
         y = _k().lora_embedding_forward(flat, weight, lora_A, lora_B, scaling, deterministic=deterministic)
         ctx.save_for_backward(flat, lora_A, lora_B)
-        ctx.scaling, ctx.padding_idx, ctx.freq, ctx.deterministic = scaling, padding_idx, scale_grad_by_freq, deterministic
-        ctx.num_embeddings = weight.shape[0]
+        ctx.scaling, ctx.padding_idx, ctx.freq = scaling, padding_idx, scale_grad_by_freq
+        ctx.deterministic, ctx.num_embeddings = deterministic, weight.shape[0]
         return y.view(*idx.shape, weight.shape[1])
 
     @staticmethod
@@ -273,8 +274,10 @@ class Embedding(nn.Embedding):
         w = embedding.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        opts = {k: getattr(embedding, k) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")}
-        layer = cls(*w.shape, r=0, merge_weights=merge_weights, use_rslora=use_rslora, device="meta", dtype=w.dtype, **opts)
+        opts = {k: getattr(embedding, k) for k in EMBEDDING_OPTIONS}
+        layer = cls(*w.shape, r=0, merge_weights=merge_weights, use_rslora=use_rslora, device="meta", dtype=w.dtype)
+        for k, v in opts.items():
+            setattr(layer, k, v)
         layer.weight = w
         if r > 0:
             layer.r, layer.lora_alpha = r, lora_alpha

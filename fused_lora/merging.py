@@ -43,9 +43,8 @@ class MergeRecord:
     weight_ptr: int
 
     def valid_for(self, weight: torch.Tensor, versions: tuple[int, ...]) -> bool:
-        return (
-            self.versions == versions and self.weight_version == weight._version and self.weight_ptr == weight.data_ptr()
-        )
+        same_weight = self.weight_version == weight._version and self.weight_ptr == weight.data_ptr()
+        return same_weight and self.versions == versions
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -332,12 +332,9 @@ def embedding_configs(kind: str) -> list[triton.Config]:
 
 def _embedding_entry(kind: str, c: triton.Config) -> EmbeddingConfig:
     split = c.kwargs.get("SPLIT_D", 1)
-    return next(
-        e
-        for e in _embedding_table(kind)
-        if (e.BLOCK_T, e.BLOCK_D, e.num_warps, e.num_stages) == (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
-        and (kind == "bwd" or e.SPLIT_D == split)
-    )
+    fields = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+    table = _embedding_table(kind)
+    return next(e for e in table if (e.BLOCK_T, e.BLOCK_D, e.num_warps, e.num_stages) == fields and split == e.SPLIT_D)
 
 
 def _prune_embedding(kind: str, table_arg: str, rank_arg: str):

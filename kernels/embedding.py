@@ -212,7 +212,8 @@ def _embedding_da_segments_kernel(
         pos = q + offs
         same = tl.load(sorted_ptr + pos, mask=pos < T, other=-1) == v
         rows = tl.load(perm_ptr + pos, mask=same, other=0).to(tl.int64)
-        part = tl.load(g_ptr + rows[:, None] * stride_gt + offs_r[None, :] * stride_gr, mask=same[:, None] & r_ok[None, :], other=0.0)
+        g_ptrs = g_ptr + rows[:, None] * stride_gt + offs_r[None, :] * stride_gr
+        part = tl.load(g_ptrs, mask=same[:, None] & r_ok[None, :], other=0.0)
         acc += tl.sum(part, axis=0)
         q += BLOCK_T
         last = tl.load(sorted_ptr + q - 1, mask=q <= T, other=-1)
