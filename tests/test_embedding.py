@@ -183,7 +183,7 @@ def test_wrong_index_dtypes(dtype, device):
     w, a, b = tables(3, device=device)
     with pytest.raises(TypeError, match=r"int64 or int32 indices.*got torch\."):
         fused_lora.lora_embedding(torch.zeros(4, dtype=dtype, device=device), w, a, b, 1.0)
-    with pytest.raises(TypeError, match="must be a torch.Tensor of indices, got list"):
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor of indices, got list"):
         fused_lora.lora_embedding([1, 2], w, a, b, 1.0)
 
 
