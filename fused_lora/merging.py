@@ -31,6 +31,7 @@ CHUNK_ELEMENTS = 1 << 24
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 DeltaRows = Callable[[int, int], torch.Tensor]
+MergedRows = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -75,15 +76,23 @@ class _Work:
 
 @torch.no_grad()
 def merge_exact(
-    weight: torch.Tensor, rows: int, cols: int, delta_rows: DeltaRows, versions: tuple[int, ...]
+    weight: torch.Tensor,
+    rows: int,
+    cols: int,
+    delta_rows: DeltaRows,
+    versions: tuple[int, ...],
+    merged_rows: MergedRows | None = None,
 ) -> MergeRecord:
-    """W ← round(W + ΔW) in place (fp32 arithmetic, one rounding); returns the record to undo it."""
+    """W ← round(W + ΔW) in place (fp32 arithmetic, one rounding); returns the record to undo it.
+
+    `merged_rows(r0, r1, w)`, if given, forms round(w + ΔW) for those rows itself (e.g. with one fused
+    addmm, to give the very bits a layer's unmerged forward uses); the record is the same either way."""
     work = _Work(weight, rows, cols)
     chunks = []
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
         d = delta_rows(r0, r1)
-        merged = (w.float() + d).to(w.dtype)
+        merged = merged_rows(r0, r1, w) if merged_rows is not None else (w.float() + d).to(w.dtype)
         lost = (_bits((merged.float() - d).to(w.dtype)) != _bits(w)).flatten().nonzero().squeeze(1)
         if lost.numel() * (4 + w.element_size()) < w.numel() * w.element_size():
             chunks.append((r0, lost.to(torch.int32), w.flatten()[lost].clone()))

@@ -218,3 +218,45 @@ def test_bad_options(device):
         fused_lora.lora_embedding(idx, w.double(), a.double(), b.double(), 1.0)
     with fused_lora.use_backend("reference"):
         assert fused_lora.lora_embedding(idx.cpu(), *(t.double().cpu() for t in (w, a, b)), 1.0).dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "bf16+fp32A"])
+@pytest.mark.parametrize("r", [1, 16, 100])
+def test_bf16_parity_on_gpu(lora_dtype, r):
+    """bf16 tables (the interpreter's bf16 tl.dot is wrong, so this needs a GPU), odd and realistic sizes,
+    through the autotuner; deterministic mode too."""
+    for v, d, shape in ((V, D, (3, 17)), (50257, 1000, (4, 1001))):
+        w, a, b = tables(r, torch.bfloat16, lora_dtype, device="cuda", v=v, d=d)
+        idx = indices(shape, device="cuda", v=v)
+        check(idx, w, a, b, padding_idx=2)
+        torch.use_deterministic_algorithms(True)
+        try:
+            check(idx, w, a, b, scale_grad_by_freq=True)
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+def test_every_embedding_config_is_compiled_and_served():
+    """compile_check compiles every shipped embedding configuration (its jobs name them all), and every
+    table dtype and rank bucket has a configuration the filters admit, on both architectures."""
+    from fused_lora.compile_check import SIZES
+    from fused_lora.compile_jobs import all_jobs
+    from fused_lora.kernels import configs
+
+    jobs = [j for j in all_jobs(SIZES) if j.module == "embedding"]
+    for kernel, table in (("_lora_embedding_fwd_kernel", configs.EMBEDDING_FWD),
+                          ("_lora_embedding_bwd_kernel", configs.EMBEDDING_BWD)):  # fmt: skip
+        names = {j.config for j in jobs if j.kernel == kernel}
+        assert len(names) == len(table), (kernel, names)
+    assert any(j.kernel == "_embedding_da_segments_kernel" for j in jobs)
+    for arch in (80, 90):
+        for elem in (2, 4):
+            for r_pad in (16, 32, 64, 128, 256):
+                assert any(configs.keep_embedding(c, elem, r_pad, arch) for c in configs.EMBEDDING_FWD), (
+                    arch,
+                    elem,
+                    r_pad,
+                )
+            r_block = configs.EMBEDDING_R_BLOCK[elem]
+            assert any(configs.keep_embedding(c, elem, r_block, arch) for c in configs.EMBEDDING_BWD), (arch, elem)
