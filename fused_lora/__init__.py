@@ -8,6 +8,8 @@
   (the embedding's lookup and low-rank term in one kernel; :func:`lora_embedding` its functional form).
 - :mod:`fused_lora.reference` — the same math in plain PyTorch (the spec, and the CPU path).
 - :func:`set_backend` / :func:`use_backend` — 'auto' | 'triton' | 'reference' (or FUSED_LORA_BACKEND).
+- :func:`set_impl` / :func:`use_impl` — 'auto' | 'fused' | 'hybrid' (or FUSED_LORA_IMPL): the fused GEMM or
+  our low-rank kernel + cuBLAS, chosen per shape by timing both (auto).
 - :func:`inject_lora`, loralib's helpers, :func:`merge_lora` — LoRA for any nn.Module.
 - :func:`patch_peft_model` — a Hugging Face PEFT model's LoRA layers on the fused kernels.
 - :func:`save_adapter` / :func:`load_adapter` — PEFT's adapter files from plain models.
@@ -17,6 +19,7 @@ from .backend import get_backend, set_backend, use_backend
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding, IndexOutOfRangeError, lora_embedding
 from .function import LoRALinearFunction, lora_linear
+from .impl import get_impl, set_impl, use_impl
 from .integrations import (
     InjectReport,
     PatchReport,
@@ -46,6 +49,7 @@ __all__ = [
     "PatchReport",
     "__version__",
     "get_backend",
+    "get_impl",
     "inject_lora",
     "load_adapter",
     "lora_embedding",
@@ -56,7 +60,9 @@ __all__ = [
     "patch_peft_model",
     "save_adapter",
     "set_backend",
+    "set_impl",
     "unmerge_lora",
     "unpatch_peft_model",
     "use_backend",
+    "use_impl",
 ]

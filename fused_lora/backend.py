@@ -5,14 +5,16 @@
                meta device the autograd Function runs shape-only (nothing is launched)
     reference  always fused_lora.reference
 
-Chosen, most specific first, by :func:`use_backend` / :func:`set_backend` in Python, then the
-environment variable ``FUSED_LORA_BACKEND``, then ``auto``. Read at every call, so a test or a script
-can switch without re-importing anything.
+Chosen, most specific first, by :func:`use_backend` (a context manager scoped to the current thread or
+asyncio task, restored on exit), :func:`set_backend` (the process), the environment variable
+``FUSED_LORA_BACKEND``, then ``auto``. Read at every call, so a test or a script can switch without
+re-importing anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
@@ -21,11 +23,12 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "FUSED_LORA_BACKEND"
 
-_forced: str | None = None
+_forced: str | None = None  # set_backend: the whole process
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_backend", default=None)
 
 
 def _check(name: str, where: str) -> str:
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
     return name
 
@@ -39,6 +42,9 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     """The configured backend name (before 'auto' is resolved for a device)."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
     if _forced is not None:
         return _forced
     return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
@@ -46,14 +52,13 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``with use_backend("reference"): ...`` runs the block with that backend, then restores."""
-    global _forced
-    previous = _forced
-    set_backend(name)
+    """``with use_backend("reference"): ...`` runs the block with that backend in this thread (or asyncio
+    task) only, then restores what was there; other threads keep their own choice."""
+    token = _scoped.set(_check(name, "backend"))
     try:
         yield
     finally:
-        _forced = previous
+        _scoped.reset(token)
 
 
 def interpreting() -> bool:

@@ -1,4 +1,4 @@
-"""Compile every kernel, with every autotune configuration we ship, for sm_80 and sm_90a — no GPU needed.
+"""Compile every kernel, with every configuration we ship, for sm_80 and sm_90a — no GPU needed.
 
     python -m fused_lora.compile_check            # the table; exit 1 on a compile error or a spill
     python -m fused_lora.compile_check --json F   # also write the rows to F
@@ -7,9 +7,12 @@ Each configuration is compiled in the heaviest variant that ``kernels.configs.ke
 (fp32 adapters with tf32x3 dots, the largest rank bucket it serves, dropout where it may run with it),
 with the specialisation a real launch of contiguous tensors gets (unit strides become constants,
 pointers and 16-multiples are marked divisible by 16). Triton's bundled ``ptxas -v`` then reports
-registers and spill bytes; the PTX tells which MMA instructions were used. The run fails when a kernel
-does not compile, spills, needs more shared memory than the architecture has, or when a GEMM on sm_90a
-does not use ``wgmma``.
+registers and spill bytes; the PTX tells which MMA instructions were used and whether tiles move by TMA
+(``cp.async.bulk.tensor``); the SASS (``nvdisasm``, :mod:`fused_lora.sass`) gives the instructions per
+main-loop iteration and whether the kernel is persistent (an output store inside a loop). The run fails
+when a kernel does not compile, spills, needs more shared memory than the architecture has, when a GEMM
+on sm_90a does not use ``wgmma`` or ptxas serialises its wgmma instructions (warnings C7510-C7515), or
+when a TMA-path job has no TMA.
 """
 
 from __future__ import annotations
@@ -24,24 +27,12 @@ import subprocess
 import sys
 import tempfile
 
-ARCHS = (80, 90)
+from .compile_jobs import ARCHS, Job, all_jobs
+from .sass import loop_stats
+
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # A realistic problem: Llama-7B attention projection, 8192 tokens.
 SIZES = {"M": 8192, "N": 4096, "K": 4096}
-
-
-@dataclasses.dataclass
-class Job:
-    kernel: str  # module-level name in fused_lora.kernels.<module>
-    module: str
-    config: str
-    variant: str
-    args: dict  # arg name -> "*bf16" / "i32" / "fp32" / int (1 becomes a constant) / constexpr value
-    meta: dict  # constexpr meta-parameters
-    num_warps: int
-    num_stages: int
-    mma_expected: bool
-    archs: tuple[int, ...] = ARCHS  # where kernels.configs admits this configuration
 
 
 @dataclasses.dataclass
@@ -54,13 +45,23 @@ class Row:
     spill_bytes: int = -1
     shared: int = -1
     mma: str = "-"
+    tma: bool = False
+    persistent: bool = False
+    per_iteration: int = 0  # SASS instructions per main-loop iteration (0: no MMA loop)
+    loop_mmas: int = 0
     note: str = ""
     error: str = ""
 
     @property
     def ok(self) -> bool:
         limit = SMEM_LIMIT[int(self.arch[3:5])]  # what the hardware allows, not our pruning budget
-        return not self.error and self.spill_bytes == 0 and 0 <= self.shared <= limit and ("MISSING" not in self.mma)
+        return (
+            not self.error
+            and self.spill_bytes == 0
+            and 0 <= self.shared <= limit
+            and "MISSING" not in self.mma
+            and "serialized" not in self.note
+        )
 
 
 def _tl_dtype(name: str):
@@ -94,25 +95,27 @@ def _spec(fn, args: dict, meta: dict):
     return signature, constexprs, attrs
 
 
-def _ptxas(ptx: str, arch: int) -> tuple[int, int, str]:
+def _ptxas(ptx: str, arch: int) -> tuple[int, int, str, str]:
+    """(registers, spill bytes, note, SASS) from Triton's bundled ptxas and nvdisasm."""
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
+        src, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True
-        )
-    log = out.stdout + out.stderr
-    if out.returncode:
-        raise RuntimeError(log[-400:])
+        cmd = [os.path.join(bin_dir, "ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", cubin]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        log = out.stdout + out.stderr
+        if out.returncode:
+            raise RuntimeError(log[-400:])
+        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", "-g", cubin], capture_output=True, text=True)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    note = "wgmma serialized (registers)" if "wgmma.mma_async instructions are serialized" in log else ""
-    return regs, spills, note
+    warning = re.search(r"\((C751\d)\).*?wgmma.mma_async instructions are serialized", log)
+    note = f"wgmma serialized ({warning.group(1)})" if warning else ""
+    return regs, spills, note, sass.stdout
 
 
 def compile_job(job: Job, arch: int) -> Row:
@@ -126,7 +129,10 @@ def compile_job(job: Job, arch: int) -> Row:
     try:
         kernel = getattr(importlib.import_module(f"fused_lora.kernels.{job.module}"), job.kernel)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        meta = {k: (_tl_dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v) for k, v in job.meta.items()}
+        meta = {
+            k: (_tl_dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v)
+            for k, v in job.meta_for(arch).items()
+        }
         sig, constexprs, attrs = _spec(fn, job.args, meta)
         compiled = triton.compile(
             ASTSource(fn, sig, constexprs, attrs),
@@ -135,10 +141,17 @@ def compile_job(job: Job, arch: int) -> Row:
         )
         ptx = compiled.asm["ptx"]
         row.shared = int(compiled.metadata.shared)
-        row.registers, row.spill_bytes, row.note = _ptxas(ptx, arch)
+        row.registers, row.spill_bytes, row.note, sass_text = _ptxas(ptx, arch)
         row.mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+        row.tma = "cp.async.bulk.tensor" in ptx
+        stats = loop_stats(sass_text)
+        row.persistent, row.per_iteration, row.loop_mmas = stats.persistent, stats.per_iteration, stats.mmas
         if job.mma_expected and arch == 90 and row.mma != "wgmma":
             row.mma += " (wgmma MISSING)"
+        if job.mma_expected and arch == 80 and row.mma != "mma.sync":
+            row.mma += " (mma.sync MISSING)"
+        if job.tma and arch == 90 and not row.tma:
+            row.mma += " (TMA MISSING)"
     except Exception as e:  # report, never hide: a failed compile is a row with an error
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return row
@@ -149,8 +162,6 @@ def _run(args) -> Row:
 
 
 def run_all(workers: int, only: str = "") -> list[Row]:
-    from .compile_jobs import all_jobs
-
     tasks = [(job, arch) for job in all_jobs(SIZES) for arch in job.archs if only in job.kernel + " " + job.config]
     if workers <= 1:
         return [compile_job(*t) for t in tasks]
@@ -159,15 +170,16 @@ def run_all(workers: int, only: str = "") -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "config", "variant", "arch", "regs", "spills", "smem", "mma", "status")
+    head = ("kernel", "config", "variant", "arch", "regs", "spills", "smem", "mma", "tma", "persist", "instr/iter",
+            "status")  # fmt: skip
     lines = [head]
     for r in rows:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "FAIL")
         if r.note:
             status += f" ({r.note})"
-        lines.append(
-            (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma, status)
-        )
+        per_iter = f"{r.per_iteration} ({r.loop_mmas} mma)" if r.loop_mmas else "-"
+        cells = (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma)
+        lines.append((*cells, "yes" if r.tma else "-", "yes" if r.persistent else "-", per_iter, status))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 

@@ -1,15 +1,37 @@
 """What ``compile_check`` compiles: every shipped configuration of every kernel, each in the heaviest
-variant the configuration filters (``kernels.configs.keep_*``) let it run, with the strides of
-contiguous tensors at a realistic size (the unit strides become constants, as in a real launch)."""
+variants the configuration filters (``kernels.configs.keep_*``) let it run, on every path it can take
+(Hopper: TMA descriptors and, for unaligned views, pointers; Ampere: pointers), with the strides of
+contiguous tensors at a realistic size (unit strides become constants, as in a real launch)."""
 
 from __future__ import annotations
 
-from .compile_check import ARCHS, Job
+import dataclasses
 
+ARCHS = (80, 90)
 RANK_BUCKETS = (16, 32, 64, 128, 256)
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+NUM_SMS = {80: 108, 90: 132}  # A100, H100 SXM: the persistent grid's program count
 
-# (label, activations, adapters, dX with dropout?) — the fp32-adapter variants are the heaviest.
+
+@dataclasses.dataclass
+class Job:
+    kernel: str  # module-level name in fused_lora.kernels.<module>
+    module: str
+    config: str
+    variant: str
+    args: dict  # arg name -> "*bf16" / "i32" / "fp32" / int (1 becomes a constant) / constexpr value
+    meta: dict  # constexpr meta-parameters ("tl.fp32" strings become Triton dtypes)
+    num_warps: int
+    num_stages: int
+    mma_expected: bool
+    archs: tuple[int, ...] = ARCHS  # where kernels.configs admits this configuration
+    tma: bool = False  # the Hopper path: expects TMA (cp.async.bulk.tensor) on sm_90a
+
+    def meta_for(self, arch: int) -> dict:
+        return {**self.meta, "NUM_PROGRAMS": NUM_SMS[arch]} if "NUM_PROGRAMS" in self.meta else self.meta
+
+
+# (label, activations, adapters, dX with dropout?) — the fp32-adapter and fp32 variants are the heaviest.
 GEMM_VARIANTS = (
     ("y+bias, bf16 x/W, fp32 A/B", "bf16", "fp32", False),
     ("y+bias, bf16 x/W/A/B", "bf16", "bf16", False),
@@ -19,25 +41,29 @@ GEMM_VARIANTS = (
 )
 
 
-def _precision(dt: str) -> str:
-    return "tf32" if dt != "fp32" else "tf32x3"
+def _modes(dt: str, lora_dt: str, kept: bool) -> dict:
+    """LORA_MODE / LORA_DTYPE as kernels.precision.lora_mode picks them (fp32 activations: no TF32)."""
+    if dt == "fp32":
+        return {"LORA_MODE": 2, "LORA_DTYPE": "tl.fp32"}
+    if lora_dt == "fp32":
+        return {"LORA_MODE": 2 if kept else 1, "LORA_DTYPE": "tl.fp32"}
+    return {"LORA_MODE": 0, "LORA_DTYPE": "tl." + lora_dt}
 
 
 def _cfg_name(c) -> str:
-    tiles = [v for k, v in c._asdict().items() if k.isupper()]
-    return "x".join(map(str, tiles)) + f" w{c.num_warps} s{c.num_stages}"
+    from fused_lora.kernels.configs import name
+
+    return name(c)
 
 
-def _admitted(keep, *args) -> tuple[int, ...]:
-    return tuple(arch for arch in ARCHS if keep(*args, arch))
-
-
-def _job(kernel: str, module: str, c, variant: str, args: dict, meta: dict, archs, mma: bool) -> Job:
-    return Job(kernel, module, _cfg_name(c), variant, args, meta, c.num_warps, c.num_stages, mma, archs)
+def _admitted(keep, *args, tma: bool | None = None) -> tuple[int, ...]:
+    if tma is None:
+        return tuple(arch for arch in ARCHS if keep(*args, arch))
+    return tuple(arch for arch in ARCHS if keep(*args, arch, tma))
 
 
 # fmt: off
-def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
+def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) -> dict:
     M, N, K, r = sizes["M"], sizes["N"], sizes["K"], 64
     if backward:  # dX [M, K] = dY [M, N] · W [N, K] + g [M, r] · A [r, K]
         strides = dict(stride_pm=N, stride_pk=1, stride_qk=K, stride_qn=1, stride_lm=r, stride_lr=1,
@@ -48,40 +74,79 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
                        stride_rr=1, stride_rn=r, stride_om=N, stride_on=1)
         n_out, k_red = N, K
     return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
-                out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, M_BUCKET=M, stride_bias=1,
-                scale="fp32", threshold="i32", **strides)
+                out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
+                threshold="i32", **strides)
+
+
+def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
+    M, r = sizes["M"], 64
+    n_out = sizes["K"] if backward else sizes["N"]
+    lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
+    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr="*" + dt, seed_ptr="*i64",
+                M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
+                threshold="i32", **lr)
 
 
 def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
     M, K = sizes["M"], sizes["K"]
-    return dict(x_ptr="*" + dt, a_ptr="*fp32", xa_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=r, M_BUCKET=M,
+    return dict(x_ptr="*" + dt, a_ptr="*fp32", xa_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=r,
                 stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_om=r, stride_or=1,
-                threshold="i32", keep_scale="fp32")
+                threshold="i32", out_scale="fp32")
 
 
 def _grad_args(dt: str, sizes: dict, r: int) -> dict:
     M, N, K = sizes["M"], sizes["N"], sizes["K"]
     return dict(dy_ptr="*" + dt, b_ptr="*fp32", xa_ptr="*fp32", x_ptr="*" + dt, g_ptr="*fp32", db_ptr="*fp32",
-                da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r, M_BUCKET=M,
+                da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r,
                 stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
                 stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
-                stride_dap=0, stride_dar=K, stride_dak=1, scale_db="fp32", scale_da="fp32", threshold="i32")
+                stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32")
 # fmt: on
 
 
 def gemm_jobs(sizes: dict) -> list[Job]:
-    from fused_lora.kernels.configs import GEMM, GEMM_R_CHUNK, keep_gemm
+    """The fused GEMM: the TMA path where Hopper admits the configuration, the pointer path on both
+    architectures (Ampere, and unaligned views on Hopper)."""
+    from fused_lora.kernels.configs import GEMM, R_CHUNK, keep_gemm
 
     jobs = []
     for c in GEMM:
         for label, dt, lora_dt, backward in GEMM_VARIANTS:
-            archs = _admitted(keep_gemm, c, BYTES[dt], backward)
-            if archs:
-                meta = dict(R_CHUNK=GEMM_R_CHUNK, HAS_BIAS=not backward, DROPOUT=backward,
-                            LORA_DTYPE="tl." + lora_dt, FP32_PRECISION=_precision(dt), BLOCK_M=c.BLOCK_M,
-                            BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)  # fmt: skip
-                args = _gemm_args(dt, lora_dt, sizes, backward)
-                jobs.append(_job("_lora_gemm_kernel", "lora_gemm", c, label, args, meta, archs, mma=True))
+            for tma in (True, False):
+                archs = _admitted(keep_gemm, c, BYTES[dt], backward, tma=tma)
+                archs = tuple(a for a in archs if a >= 90) if tma else archs
+                if not archs:
+                    continue
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False),
+                            MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32", TMA=tma,
+                            Q_NK=tma and not backward, R_NR=tma and not backward, NUM_PROGRAMS=0,
+                            R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
+                            GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
+                args = _gemm_args(dt, lora_dt, sizes, backward, tma)
+                variant = f"{label}, {'TMA' if tma else 'pointers'}"
+                jobs.append(Job("_lora_gemm_kernel", "lora_gemm", _cfg_name(c), variant, args, meta,
+                                c.num_warps, c.num_stages, True, archs, tma))  # fmt: skip
+    return jobs
+
+
+def low_rank_jobs(sizes: dict) -> list[Job]:
+    from fused_lora.kernels.configs import LOW_RANK, R_CHUNK, keep_gemm
+
+    jobs = []
+    for c in LOW_RANK:
+        for label, dt, lora_dt, backward in GEMM_VARIANTS[:3]:
+            for tma in (True, False):
+                archs = _admitted(keep_gemm, c, BYTES[dt], backward, tma=tma)
+                archs = tuple(a for a in archs if a >= 90) if tma else tuple(a for a in archs if a < 90)
+                if not archs:
+                    continue
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False), TMA=tma,
+                            R_NR=tma and not backward, R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                            BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
+                args = _low_rank_args(dt, lora_dt, sizes, backward)
+                variant = f"{label.replace('y+', 'C=').replace('dX+', 'T=')}, {'TMA' if tma else 'pointers'}"
+                jobs.append(Job("_low_rank_kernel", "low_rank", _cfg_name(c), variant, args, meta,
+                                c.num_warps, c.num_stages, True, archs, tma))  # fmt: skip
     return jobs
 
 
@@ -102,11 +167,11 @@ def shrink_jobs(sizes: dict) -> list[Job]:
     jobs = []
     for c in SHRINK:
         for dt, r, archs in _stream_variants(c, keep_shrink):
-            meta = dict(R_PAD=r, DROPOUT=True, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
-                        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)  # fmt: skip
+            meta = dict(R_PAD=r, DROPOUT=True, **_modes(dt, "fp32", kept=True), BLOCK_M=c.BLOCK_M,
+                        BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)  # fmt: skip
             variant = f"dropout {dt}, fp32 A, r<={r}"
-            args = _shrink_args(dt, sizes, r)
-            jobs.append(_job("_shrink_kernel", "shrink", c, variant, args, meta, archs, mma=False))
+            jobs.append(Job("_shrink_kernel", "shrink", _cfg_name(c), variant, _shrink_args(dt, sizes, r), meta,
+                            c.num_warps, c.num_stages, False, archs))  # fmt: skip
     return jobs
 
 
@@ -116,35 +181,24 @@ def grad_jobs(sizes: dict) -> list[Job]:
     jobs = []
     for c in GRAD:
         for dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
-            meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True,
-                        DETERMINISTIC=False, LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt),
-                        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)  # fmt: skip
+            modes = _modes(dt, "fp32", kept=True)
+            meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
+                        G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
+                        D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)  # fmt: skip
             variant = f"dropout {dt}, fp32 A/B, r<={r}"
-            args = _grad_args(dt, sizes, r)
-            jobs.append(_job("_lora_grad_kernel", "lora_grad", c, variant, args, meta, archs, mma=False))
+            jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, _grad_args(dt, sizes, r), meta,
+                            c.num_warps, c.num_stages, False, archs))  # fmt: skip
     return jobs
 
 
 def mask_jobs(sizes: dict) -> list[Job]:
     args = dict(seed_ptr="*i64", out_ptr="*i8", M=sizes["M"], K=sizes["K"], stride_om=sizes["K"], threshold="i32")
-    return [
-        Job(
-            "_dropout_mask_kernel",
-            "dropout",
-            "32x128 w4",
-            "p>0",
-            args,
-            dict(BLOCK_M=32, BLOCK_K=128),
-            4,
-            1,
-            mma_expected=False,
-            archs=ARCHS,
-        )
-    ]
+    meta = dict(BLOCK_M=32, BLOCK_K=128)
+    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args, meta, 4, 1, False)]
 
 
 def all_jobs(sizes: dict) -> list[Job]:
-    return gemm_jobs(sizes) + shrink_jobs(sizes) + grad_jobs(sizes) + mask_jobs(sizes)
+    return gemm_jobs(sizes) + low_rank_jobs(sizes) + shrink_jobs(sizes) + grad_jobs(sizes) + mask_jobs(sizes)
 
 
 # ======================================================================================================
@@ -161,28 +215,35 @@ EMBEDDING_FWD_VARIANTS = (
     ("fp32 (tf32x3), r<=16", "fp32", "fp32", 16),
     ("fp32 (tf32x3), r=256 (16 slices)", "fp32", "fp32", 256),
 )
-# (label, table dtype, deterministic, scale_grad_by_freq)
+# (label, dY dtype, deterministic, scale_grad_by_freq), fp32 adapters (TF32x3 products). Deterministic
+# variants only for the entry deterministic mode launches (the first admitted, kernels.embedding).
 EMBEDDING_BWD_VARIANTS = (
     ("bf16 dY, fp32 A/B, atomics", "bf16", False, False),
     ("bf16 dY, fp32 A/B, deterministic", "bf16", True, False),
     ("fp32 (tf32x3), atomics, scale_grad_by_freq", "fp32", False, True),
+    ("fp32 (tf32x3), deterministic, scale_grad_by_freq", "fp32", True, True),
 )
 
 
 def _embedding_fwd_args(dt: str, lora_dt: str, r: int) -> dict:
     T, V, D = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"], EMBEDDING_SIZES["D"]
     return dict(idx_ptr="*i64", w_ptr="*" + dt, a_ptr="*" + lora_dt, b_ptr="*" + lora_dt, y_ptr="*" + dt,
-                T=T, V=V, D=D, R=r, T_BUCKET=T, stride_wv=D, stride_wd=1, stride_ar=V, stride_av=1,
+                T=T, V=V, D=D, R=r, stride_wv=D, stride_wd=1, stride_ar=V, stride_av=1,
                 stride_bd=r, stride_br=1, stride_yt=D, stride_yd=1, scale="fp32")  # fmt: skip
 
 
 def _embedding_bwd_args(dt: str, r: int) -> dict:
     T, V, D = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"], EMBEDDING_SIZES["D"]
     return dict(dy_ptr="*" + dt, idx_ptr="*i64", a_ptr="*fp32", b_ptr="*fp32", cnt_ptr="*i64", db_ptr="*fp32",
-                da_ptr="*fp32", g_ptr="*fp32", T=T, V=V, D=D, R=r, T_BUCKET=T, padding_idx="i32",
+                da_ptr="*fp32", g_ptr="*fp32", T=T, V=V, D=D, R=r, padding_idx="i32",
                 stride_dyt=D, stride_dyd=1, stride_ar=V, stride_av=1, stride_bd=r, stride_br=1,
                 stride_dbp=D * r, stride_dbd=r, stride_dbr=1, stride_dar=V, stride_dav=1, stride_gt=r, stride_gr=1,
                 scale="fp32")  # fmt: skip
+
+
+def _embedding_fwd_modes(dt: str, lora_dt: str) -> dict:
+    """kernels.embedding._forward_mode: native for equal 16-bit dtypes, else as the GEMM epilogue."""
+    return _modes(dt, lora_dt, kept=dt == lora_dt)
 
 
 def embedding_jobs(sizes: dict | None = None) -> list[Job]:
@@ -191,40 +252,42 @@ def embedding_jobs(sizes: dict | None = None) -> list[Job]:
         EMBEDDING_FWD,
         EMBEDDING_R_BLOCK,
         EMBEDDING_R_CHUNK,
+        admitted,
         keep_embedding,
     )
 
     jobs = []
     for c in EMBEDDING_FWD:
         for label, dt, lora_dt, r_pad in EMBEDDING_FWD_VARIANTS:
-            r_chunk = min(r_pad, EMBEDDING_R_CHUNK[BYTES[dt]])
             archs = _admitted(keep_embedding, c, BYTES[dt], r_pad)
             if archs:
-                meta = dict(R_PAD=r_pad, R_CHUNK=r_chunk, LORA_DTYPE="tl." + lora_dt, FP32_PRECISION=_precision(dt),
-                            BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D, SPLIT_D=c.SPLIT_D)  # fmt: skip
+                meta = dict(R_PAD=r_pad, R_CHUNK=min(r_pad, EMBEDDING_R_CHUNK[BYTES[dt]]),
+                            **_embedding_fwd_modes(dt, lora_dt), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D,
+                            SPLIT_D=c.SPLIT_D)  # fmt: skip
                 args = _embedding_fwd_args(dt, lora_dt, r_pad)
-                jobs.append(_job("_lora_embedding_fwd_kernel", "embedding", c, label, args, meta, archs, mma=False))
+                jobs.append(Job("_lora_embedding_fwd_kernel", "embedding", _cfg_name(c), label, args, meta,
+                                c.num_warps, c.num_stages, False, archs))  # fmt: skip
     for c in EMBEDDING_BWD:
         for label, dt, det, freq in EMBEDDING_BWD_VARIANTS:
             r_block = EMBEDDING_R_BLOCK[BYTES[dt]]
             archs = _admitted(keep_embedding, c, BYTES[dt], r_block)
+            if det:
+                first = {a: admitted(EMBEDDING_BWD, keep_embedding, BYTES[dt], r_block, a)[0] for a in archs}
+                archs = tuple(a for a in archs if first[a] is c)
             if archs:
                 meta = dict(R_BLOCK=r_block, COMPUTE_DA=True, COMPUTE_DB=True, SCALE_FREQ=freq, DETERMINISTIC=det,
-                            LORA_DTYPE="tl.fp32", FP32_PRECISION=_precision(dt), BLOCK_T=c.BLOCK_T,
-                            BLOCK_D=c.BLOCK_D)  # fmt: skip
+                            **_modes(dt, "fp32", kept=True), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D)  # fmt: skip
                 args = _embedding_bwd_args(dt, r_block)
-                label = f"{label}, r<={r_block}"
-                jobs.append(_job("_lora_embedding_bwd_kernel", "embedding", c, label, args, meta, archs, mma=False))
-    block_ts = sorted({c.BLOCK_T for c in EMBEDDING_BWD})
+                jobs.append(Job("_lora_embedding_bwd_kernel", "embedding", _cfg_name(c), f"{label}, r<={r_block}",
+                                args, meta, c.num_warps, c.num_stages, False, archs))  # fmt: skip
+    T, V = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"]
     for r_block in sorted(set(EMBEDDING_R_BLOCK.values())):
-        for block_t in block_ts:
-            T, V = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"]
+        for block_t in sorted({c.BLOCK_T for c in EMBEDDING_BWD}):
             args = dict(sorted_ptr="*i64", perm_ptr="*i64", g_ptr="*fp32", da_ptr="*fp32", T=T, R=r_block,
                         stride_gt=r_block, stride_gr=1, stride_dar=V, stride_dav=1)  # fmt: skip
-            meta = dict(R_BLOCK=r_block, BLOCK_T=block_t)
-            variant = f"deterministic dA, r<={r_block}"
-            jobs.append(Job("_embedding_da_segments_kernel", "embedding", f"{block_t} w4", variant, args, meta, 4, 1,
-                            mma_expected=False, archs=ARCHS))  # fmt: skip
+            jobs.append(Job("_embedding_da_segments_kernel", "embedding", f"{block_t} w4",
+                            f"deterministic dA, r<={r_block}", args, dict(R_BLOCK=r_block, BLOCK_T=block_t), 4, 1,
+                            False))  # fmt: skip
     return jobs
 
 

@@ -9,8 +9,9 @@ path, and the 'peft' provider of the benchmarks when PEFT itself is not installe
     dA = s·(dY·B)ᵀ·drop(x)        dB = s·dYᵀ·(drop(x)·Aᵀ)
     dW = dYᵀ·x                    dbias = Σ dY
 
-The low-rank path runs in the adapters' dtype (x is cast to it), like PEFT: fp32 adapters on 16-bit
-activations compute that path in fp32, and the sum is rounded to x's dtype once.
+The low-rank path runs in the wider of x's and the adapters' dtypes (PEFT casts x to the adapters'
+dtype: the same for 16-bit x with fp32 adapters, which compute that path in fp32; float64 x is not
+rounded through fp32 adapters' precision), and the sum is rounded to x's dtype once.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and dropout_mask is None:
         dropout_mask = draw_dropout_mask(x, p)
-    xd = dropped(x, p, dropout_mask).to(lora_A.dtype)
-    low = F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    dt = torch.promote_types(x.dtype, lora_A.dtype)
+    xd = dropped(x, p, dropout_mask).to(dt)
+    low = F.linear(F.linear(xd, lora_A.to(dt)), lora_B.to(dt)) * scaling
     if low.dtype == y.dtype:
         return y + low
     return (y.to(low.dtype) + low).to(y.dtype)  # one rounding of the sum, as PEFT does

@@ -19,6 +19,8 @@ def _shape(t: torch.Tensor) -> str:
 def _tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dtype not in FLOAT_DTYPES:
@@ -44,11 +46,28 @@ def check_rank(r) -> int:
     return int(r)
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_scaling(scaling) -> float:
-    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+    """A Python float for the kernels. A one-element tensor is read once (a host sync on a GPU); one that
+    requires grad is refused: the kernels treat the scale as a constant (a learnable scale runs on the
+    reference backend, where autograd sees it)."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1:
+            raise TypeError(f"scaling must be a real number or a one-element tensor, got shape {list(scaling.shape)}")
+        if scaling.requires_grad:
+            raise TypeError(
+                "scaling requires grad, but the fused kernels treat it as a constant: pass a float, "
+                "scaling.detach(), or use the 'reference' backend for a learnable scale"
+            )
+        if scaling.device.type == "meta":
+            raise TypeError("scaling is a meta tensor and has no value: pass a Python float")
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if abs(scaling) > FP32_MAX:
+        raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {scaling!r}")
     return float(scaling)
 
 
@@ -98,11 +117,13 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {x.dtype} or torch.float32"
-        )
+        raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {_allowed(x.dtype)}")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {x.dtype} or torch.float32")
+        raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {_allowed(x.dtype)}")
+
+
+def _allowed(x_dtype: torch.dtype) -> str:
+    return str(x_dtype) if x_dtype == torch.float32 else f"{x_dtype} or torch.float32"
 
 
 def check_kernel_dtypes(x: torch.Tensor) -> None:

@@ -2,17 +2,29 @@
 ``fused_lora.kernels``; this folder sits at the repository's top level).
 
     x [M, K], W [N, K], A [r, K], B [N, r], s = alpha / r, drop(x) = x ⊙ mask / (1 - p)
-    y  = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ          shrink → lora_gemm
-    dX = dY·W + s·mask ⊙ ((dY·B)·A) / (1 - p)      lora_grad (g = dY·B) → lora_gemm
-    dA = s·(dY·B)ᵀ·drop(x),  dB = s·dYᵀ·(drop(x)·Aᵀ)  lora_grad
+    xa = s·drop(x)·Aᵀ                               shrink
+    y  = x·Wᵀ + bias + xa·Bᵀ                        lora_gemm (fused)  or  low_rank + cuBLAS addmm (hybrid)
+    g  = s/(1-p)·dY·B,  dB = dYᵀ·xa,  dA = gᵀ·(x ⊙ mask)          lora_grad
+    dX = dY·W + mask ⊙ (g·A)                        lora_gemm (fused)  or  low_rank + cuBLAS addmm (hybrid)
 
-Nothing here knows about modules or autograd: see ``fused_lora.function`` for that.
+Nothing here knows about modules or autograd: see ``fused_lora.function`` for that. Configurations live
+in ``configs``, their per-problem choice in ``tuning``, operand precision in ``precision``.
 """
 
-from .dropout import drop_threshold, dropout_mask
+from .dropout import drop_threshold, dropout_mask, effective_dropout_p
 from .lora_gemm import lora_gemm
 from .lora_grad import lora_grad
+from .low_rank import low_rank
 from .shrink import shrink
 from .utils import LAUNCHES
 
-__all__ = ["LAUNCHES", "drop_threshold", "dropout_mask", "lora_gemm", "lora_grad", "shrink"]
+__all__ = [
+    "LAUNCHES",
+    "drop_threshold",
+    "dropout_mask",
+    "effective_dropout_p",
+    "lora_gemm",
+    "lora_grad",
+    "low_rank",
+    "shrink",
+]

@@ -1,17 +1,24 @@
 """The fused GEMM: a base matrix product with the low-rank term (and bias) added in its epilogue.
 
-    out [M, N] = P [M, K] · Q [K, N]  +  scale · mask ⊙ (L [M, r] · R [r, N])  +  bias [N]
+    out [M, N] = P [M, K] · Q [K, N]  +  mask ⊙ (L [M, r] · R [r, N])  +  bias [N]
 
-Forward (y):   P = x,  Q = Wᵀ,  L = xa = drop(x)·Aᵀ,  R = Bᵀ,  scale = s,        no mask,  bias
-Backward (dX): P = dY, Q = W,   L = g = dY·B,          R = A,   scale = s/(1-p),  mask of x, no bias
+Forward (y):   P = x,  Q = Wᵀ,  L = s·drop(x)·Aᵀ (xa, fp32),    R = Bᵀ,  no mask,    bias
+Backward (dX): P = dY, Q = W,   L = s/(1-p)·dY·B (g, fp32),     R = A,   mask of x,  no bias
 
-Every operand is addressed through its strides, so Wᵀ, Bᵀ and non-contiguous activations are views,
-never copies. Each program computes one [BLOCK_M, BLOCK_N] tile in one fp32 accumulator: the K loop
-accumulates P·Q (tensor cores) and scale·L·R is added to the same accumulator (walking the rank in
-R_CHUNK slices) — after the loop for y, before it for dX with dropout, where the term is first masked
-by the regenerated mask of x (element (m, n) of dX is element (m, k=n) of x) so that the masked term
-never needs a second tile-sized buffer. Then bias, then one store: the low-rank term never exists as an
-[M, N] tensor and the output is written once.
+Persistent: about one program per SM walks the output tiles in grouped order (GROUP_M row-blocks share
+their column tiles while those are in L2), so descriptors are made once per program and, with
+FLATTEN, the pipeline runs across tile boundaries. One kernel body, two ways to load tiles:
+
+- Hopper (TMA=True): P, Q, L, R and the output go through device-side TMA descriptors
+  (``tl.make_tensor_descriptor``; out-of-range rows and columns read as zero, stores are clipped), the
+  main loop is Triton's pipelined wgmma loop. Needs 16-byte aligned bases and strides and unit last
+  strides (:func:`kernels.utils.tma_compatible`); a view that is not falls back to the pointer path.
+- Ampere and anything unaligned (TMA=False): masked pointer loads (cp.async, mma.sync on sm_80), any
+  strides, 64-bit offsets.
+
+The epilogue (:mod:`kernels.epilogue`) adds the low-rank term in the accumulator (y) or, masked, per
+column slice (dX), adds the bias and stores: the low-rank term never exists as an [M, N] tensor and the
+output is written once.
 """
 
 from __future__ import annotations
@@ -20,95 +27,119 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import GEMM_R_CHUNK, deterministic_config, device_arch, gemm_configs, prune_gemm
-from .dropout import drop_threshold, keep_mask
-from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, tile_coords
-
-
-# fmt: off
-@triton.jit
-def _add_low_rank(acc, l_rows, r_cols, row_ok, col_ok, R, stride_lr, stride_rr, scale,
-                  R_CHUNK: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    # fmt: on
-    """acc + scale · L[rows, :R] · R[:R, cols], given the pointers to L's rows ([BLOCK_M, 1]) and R's
-    columns ([1, BLOCK_N]). The rank is walked in R_CHUNK slices (scale folded into L in fp32, then L
-    cast to LORA_DTYPE); not pipelined: a rank up to 16 is one slice."""
-    offs_c = tl.arange(0, R_CHUNK)
-    l_ptrs = l_rows + offs_c[None, :] * stride_lr
-    r_ptrs = r_cols + offs_c[:, None] * stride_rr
-    for rb in tl.range(0, tl.cdiv(R, R_CHUNK), num_stages=1):
-        r_left = R - rb * R_CHUNK
-        lt = tl.load(l_ptrs, mask=row_ok[:, None] & (offs_c[None, :] < r_left), other=0.0)
-        rt = tl.load(r_ptrs, mask=(offs_c[:, None] < r_left) & col_ok[None, :], other=0.0)
-        lt = (lt.to(tl.float32) * scale).to(LORA_DTYPE)
-        acc = tl.dot(lt, rt.to(LORA_DTYPE), acc, input_precision=FP32_PRECISION)
-        l_ptrs += R_CHUNK * stride_lr
-        r_ptrs += R_CHUNK * stride_rr
-    return acc
-
-
-# fmt: off
-@triton.autotune(
-    configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_CHUNK", "HAS_BIAS", "DROPOUT", "LORA_DTYPE", "FP32_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_gemm},
+from . import tuning
+from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_arch, gemm_table, keep_gemm
+from .configs import launch_kwargs as config_kwargs
+from .configs import name as config_name
+from .dropout import drop_threshold
+from .epilogue import finish_tile
+from .precision import lora_mode, main_precision
+from .utils import (
+    bucket,
+    check_interpretable,
+    launch,
+    num_programs,
+    rank_pad,
+    row_padded,
+    tile_coords,
+    tma_compatible,
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# fmt: off
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _lora_gemm_kernel(
     # pointers
     p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, seed_ptr,
     # sizes
-    M, N, K, R, M_BUCKET,
+    M, N, K, R,
     # strides
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_bias,
-    # scalars: low-rank scale, floor(p·2^31)
-    scale, threshold,
-    # meta-parameters
-    R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    # dropout: round(p·2^16)
+    threshold,
+    # meta-parameters: variant
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    MAIN_PRECISION: tl.constexpr, TMA: tl.constexpr, Q_NK: tl.constexpr, R_NR: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, R_CHUNK: tl.constexpr,
+    # meta-parameters: configuration
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILES: tl.constexpr,
 ):
     # fmt: on
-    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    row_ok = offs_m < M
-    col_ok = offs_n < N
-    rows, cols = offs_m.to(tl.int64), offs_n.to(tl.int64)  # 64-bit offsets: operands may be huge
-    l_rows = l_ptr + rows[:, None] * stride_lm
-    r_cols = r_ptr + cols[None, :] * stride_rn
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    W: tl.constexpr = BLOCK_N // SUBTILES
+    RW: tl.constexpr = W if DROPOUT else BLOCK_N  # columns of R one epilogue product reads
+    if TMA:
+        # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ); R_NR: R of an [N, r] one (Bᵀ).
+        p_src = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
+        if Q_NK:
+            q_src = tl.make_tensor_descriptor(q_ptr, [N, K], [stride_qn, 1], [BLOCK_N, BLOCK_K])
+        else:
+            q_src = tl.make_tensor_descriptor(q_ptr, [K, N], [stride_qk, 1], [BLOCK_K, BLOCK_N])
+        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
+        if R_NR:
+            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
+        else:
+            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
+        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
+    else:
+        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if DROPOUT:
-        # dX: start from the masked low-rank term, so it never needs a second [BLOCK_M, BLOCK_N] buffer.
-        acc = _add_low_rank(acc, l_rows, r_cols, row_ok, col_ok, R, stride_lr, stride_rr, scale,
-                            R_CHUNK, LORA_DTYPE, FP32_PRECISION)
-        keep = keep_mask(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc, 0.0)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=TMA):
+        pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if TMA:
+            for ki in range(k_tiles):
+                a = p_src.load([off_m, ki * BLOCK_K])
+                if Q_NK:
+                    b = q_src.load([off_n, ki * BLOCK_K]).T
+                else:
+                    b = q_src.load([ki * BLOCK_K, off_n])
+                acc = tl.dot(a, b, acc, input_precision=MAIN_PRECISION)
+        else:
+            rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+            cols = (off_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+            offs_k = tl.arange(0, BLOCK_K)
+            p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
+            q_ptrs = q_ptr + offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
+            for ki in range(k_tiles):
+                k_left = K - ki * BLOCK_K
+                a = tl.load(p_ptrs, mask=(rows[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(q_ptrs, mask=(offs_k[:, None] < k_left) & (cols[None, :] < N), other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=MAIN_PRECISION)
+                p_ptrs += BLOCK_K * stride_pk
+                q_ptrs += BLOCK_K * stride_qk
+        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+                    BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
+                    out_ptr.dtype.element_ty)  # fmt: skip
 
-    # Main loop: acc += P·Q over K, fp32 accumulation.
-    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
-    q_ptrs = q_ptr + offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kb * BLOCK_K
-        p = tl.load(p_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        q = tl.load(q_ptrs, mask=(offs_k[:, None] < k_left) & col_ok[None, :], other=0.0)
-        acc = tl.dot(p, q, acc, input_precision=FP32_PRECISION)
-        p_ptrs += BLOCK_K * stride_pk
-        q_ptrs += BLOCK_K * stride_qk
 
-    if not DROPOUT:
-        # y: the low-rank term goes in the epilogue. (Chaining the prologue's and the main loop's MMAs
-        # into one accumulator made ptxas serialize every wgmma on sm_90a.)
-        acc = _add_low_rank(acc, l_rows, r_cols, row_ok, col_ok, R, stride_lr, stride_rr, scale,
-                            R_CHUNK, LORA_DTYPE, FP32_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+def tma_path(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> bool:
+    """Can the Hopper path address the big operands? P [M, K] and out row-major, Q either way round,
+    all 16-byte aligned; and the device is a Hopper (or the interpreter)."""
+    if device_arch(p) < 90 or not tma_compatible(p, out):
+        return False
+    return tma_compatible(q) or tma_compatible(q.t())
 
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+def tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(r, transposed) for a low-rank operand R [r, N]: as it is when TMA can address it row-major or
+    transposed; otherwise a row-padded copy of its transpose (adapter-sized: N·r elements)."""
+    if tma_compatible(t):
+        return t, False
+    if tma_compatible(t.t()):
+        return t, True
+    padded = row_padded(t.shape[1], t.shape[0], t.device, t.dtype)
+    padded.copy_(t.t())
+    return padded.t(), True
 
 
 def lora_gemm(
@@ -117,43 +148,71 @@ def lora_gemm(
     l: torch.Tensor,
     r: torch.Tensor,
     *,
-    scale: float,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     deterministic: bool = False,
+    lora_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out [M, N] = p·q + scale·mask⊙(l·r) + bias, in one kernel.
+    """out [M, N] = p·q + mask⊙(l·r) + bias, in one persistent kernel.
 
-    p [M, K] and q [K, N] share a dtype (fp32/fp16/bf16) and set the output's; l [M, r] is fp32;
-    r [r, N] is fp32 or p's dtype; bias [N] is optional. dropout_p > 0 applies the mask of an x of shape
-    [M, N] under `seed` to the low-rank term (the dX case). Any strides. `deterministic` runs one fixed
-    configuration instead of the autotuned one (the same summation order in every run).
+    p [M, K] and q [K, N] share a dtype (fp32/fp16/bf16) and set the output's; l [M, r] is fp32 (scaled
+    already); r [r, N] is fp32 or p's dtype; bias [N] optional. dropout_p > 0 applies the mask of an x
+    of shape [M, N] under `seed` to the low-rank term (the dX case). Any strides. `deterministic` runs
+    one fixed configuration (the same summation order in every run); otherwise the configuration is
+    timed on first use of the problem (:mod:`kernels.tuning`). `lora_dtype`: the adapters' dtype when r
+    was cast or copied from them (default r's).
     """
     M, K = p.shape
     N = q.shape[1]
     R = l.shape[1]
+    check_interpretable(p, q, r)
     if out is None:
         out = torch.empty((M, N), dtype=p.dtype, device=p.device)
     if M == 0 or N == 0:
         return out
     dropout = dropout_p > 0.0
-    kernel, cfg = _lora_gemm_kernel, {}
-    if deterministic:
-        kernel = _lora_gemm_kernel.fn
-        cfg = deterministic_config("gemm", p.element_size(), R, device_arch(p), dropout)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    # fmt: off
-    launch(
-        kernel, grid,
+    lora_dtype = lora_dtype or r.dtype
+    tma = tuning.table("gemm_path").pick((), ["tma", "pointer"] if tma_path(p, q, out) else ["pointer"], None,
+                                         p.device) == "tma"  # fmt: skip
+    q_nk = tma and not tma_compatible(q)
+    if tma:
+        r, r_nr = tma_operand(r)
+        if not tma_compatible(l):  # l is ours (row-padded), but a caller may hand in any view
+            l = l.contiguous() if R % 4 == 0 else _padded_copy(l)
+    else:
+        r_nr = False
+    arch, e = device_arch(p), p.element_size()
+    mode, mode_dtype = lora_mode(p.dtype, lora_dtype, kept=False)
+    variant = dict(
+        HAS_BIAS=bias is not None, DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype,
+        MAIN_PRECISION=main_precision(p.dtype), TMA=tma, Q_NK=q_nk, R_NR=r_nr,
+        NUM_PROGRAMS=num_programs(p.device), R_CHUNK=R_CHUNK,
+    )  # fmt: skip
+    args = (
         p, q, l, r, bias if bias is not None else out, out, seed if dropout else out,
-        M, N, K, R, bucket(M),
+        M, N, K, R,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        float(scale), drop_threshold(dropout_p),
-        R_CHUNK=GEMM_R_CHUNK, HAS_BIAS=bias is not None, DROPOUT=dropout,
-        LORA_DTYPE=lora_compute_dtype(p.dtype, r.dtype), FP32_PRECISION=fp32_dot_precision(p.dtype), **cfg,
-    )
-    # fmt: on
-    return out
+        drop_threshold(dropout_p),
+    )  # fmt: skip
+
+    def run(c: GemmConfig) -> torch.Tensor:
+        tiles = triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N)
+        grid = (min(variant["NUM_PROGRAMS"], tiles),)
+        launch(_lora_gemm_kernel, grid, *args, **variant, **config_kwargs(c))
+        return out
+
+    if deterministic:
+        return run(deterministic_entry("gemm", e, R, arch, dropout, tma))
+    configs = {config_name(c): c for c in admitted(gemm_table(), keep_gemm, e, dropout, arch, tma)}
+    key = (str(p.dtype), str(lora_dtype), bucket(M), N, K, rank_pad(R), dropout, bias is not None, tma, q_nk)
+    chosen = tuning.table("gemm").pick(key, list(configs), lambda n: (lambda: run(configs[n])), p.device)
+    return run(configs[chosen])
+
+
+def _padded_copy(t: torch.Tensor) -> torch.Tensor:
+    padded = row_padded(t.shape[0], t.shape[1], t.device, t.dtype)
+    padded.copy_(t)
+    return padded

@@ -1,9 +1,9 @@
 """Backward for the adapters: one pass over dY gives g = dY·B and dB, then one pass over x gives dA.
 
-    dY [M, N], B [N, r], xa [M, r] fp32 (saved by the forward), x [M, K]
-    g  = dY·B                                  [M, r] fp32, for dX's epilogue
-    dB = s · dYᵀ·xa                            [N, r] fp32
-    dA = s/(1-p) · gᵀ·(x ⊙ mask)               [r, K] fp32, the mask regenerated from the seed
+    dY [M, N], B [N, r], xa [M, r] fp32 (saved by the forward: s·drop(x)·Aᵀ, scaled), x [M, K]
+    g  = s/(1-p) · dY·B                        [M, r] fp32 (row stride padded), for dX's epilogue
+    dB = dYᵀ·xa                                [N, r] fp32
+    dA = gᵀ·(x ⊙ mask)                         [r, K] fp32, the mask regenerated from the seed
 
 Each program owns a band of BLOCK_M rows and R_BLOCK rank columns (all of them unless r > 64; the
 rank columns are independent in all three products, so large ranks split across programs at the cost
@@ -12,7 +12,11 @@ inside the program) and a partial dB (reduced over M across programs). With g of
 it streams its x band along K once and adds its partial dA. The cross-program sums go
 through fp32 atomics into zeroed buffers (tiles visited in a program-rotated order so programs do not
 queue on the same addresses), or, in deterministic mode, into one slice per program that the host sums
-in a fixed order.
+in a fixed order. The accumulators are allocated zeroed by the call that launches the kernel.
+
+Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else in TF32X3 (fp32 accuracy for g);
+dB and dA are TF32X3 for fp32 adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters
+(no fp16 overflow of g or xa) and native for bf16 ones (precision.py).
 """
 
 from __future__ import annotations
@@ -21,45 +25,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import deterministic_config, device_arch, grad_configs, grad_r_block, prune_grad
+from . import tuning
+from .configs import GradConfig, admitted, deterministic_entry, device_arch, grad_r_block, grad_table, keep_grad
+from .configs import launch_kwargs as config_kwargs
+from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
-from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_pad
-
-_KEY = [
-    "M_BUCKET",
-    "N",
-    "K",
-    "R_BLOCK",
-    "STORE_G",
-    "COMPUTE_DB",
-    "COMPUTE_DA",
-    "DROPOUT",
-    "LORA_DTYPE",
-    "FP32_PRECISION",
-]
+from .precision import lora_dot, lora_mode, native_16bit
+from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
 
 
 # fmt: off
-@triton.autotune(
-    configs=grad_configs(),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": prune_grad},
-    reset_to_zero=["db_ptr", "da_ptr"],
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _lora_grad_kernel(
     # pointers
     dy_ptr, b_ptr, xa_ptr, x_ptr, g_ptr, db_ptr, da_ptr, seed_ptr,
     # sizes
-    M, N, K, R, M_BUCKET,
+    M, N, K, R,
     # strides (db/da carry a leading per-band stride, 0 unless deterministic)
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_xm, stride_xk,
     stride_gm, stride_gr, stride_dbp, stride_dbn, stride_dbr, stride_dap, stride_dar, stride_dak,
-    # scalars: s, s/(1-p), floor(p·2^31)
-    scale_db, scale_da, threshold,
+    # scalars: s/(1-p), round(p·2^16)
+    scale_g, threshold,
     # meta-parameters
     R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
-    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, G_MODE: tl.constexpr, G_DTYPE: tl.constexpr,
+    D_MODE: tl.constexpr, D_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # fmt: on
@@ -74,14 +64,13 @@ def _lora_grad_kernel(
         db_ptr += pid.to(tl.int64) * stride_dbp
         da_ptr += pid.to(tl.int64) * stride_dap
 
-    # Pass 1 over the dY band: g += dY·B and, per tile, partial dB = s·dYᵀ·xa.
+    # Pass 1 over the dY band: g += dY·B and, per tile, partial dB = dYᵀ·xa.
     if COMPUTE_DB:
         xa = tl.load(
             xa_ptr + rows64[:, None] * stride_xam + offs_r[None, :] * stride_xar,
             mask=row_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )
-        xa = (xa * scale_db).to(LORA_DTYPE)
     g = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     num_n = tl.cdiv(N, BLOCK_N)
     for i in range(0, num_n):
@@ -92,21 +81,22 @@ def _lora_grad_kernel(
             dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
-        ).to(LORA_DTYPE)
+        )
         b = tl.load(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=col_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )
-        g = tl.dot(dy, b.to(LORA_DTYPE), g, input_precision=FP32_PRECISION)
+        g = lora_dot(dy, b, g, G_MODE, G_DTYPE)
         if COMPUTE_DB:
-            part = tl.dot(tl.trans(dy), xa, input_precision=FP32_PRECISION)
+            part = lora_dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), D_MODE, D_DTYPE)
             db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
             db_mask = col_ok[:, None] & rank_ok[None, :]
             if DETERMINISTIC:
                 tl.store(db_ptrs, part, mask=db_mask)
             else:
                 tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
+    g = g * scale_g
     if STORE_G:
         tl.store(
             g_ptr + rows64[:, None] * stride_gm + offs_r[None, :] * stride_gr,
@@ -114,9 +104,9 @@ def _lora_grad_kernel(
             mask=row_ok[:, None] & rank_ok[None, :],
         )
 
-    # Pass 2 over the x band: partial dA = s/(1-p) · gᵀ·drop(x).
+    # Pass 2 over the x band: partial dA = gᵀ·(x ⊙ mask).
     if COMPUTE_DA:
-        gt = tl.trans(g * scale_da).to(LORA_DTYPE)
+        gt = tl.trans(g)
         if DROPOUT:
             seed = tl.load(seed_ptr)
         num_k = tl.cdiv(K, BLOCK_N)
@@ -129,9 +119,9 @@ def _lora_grad_kernel(
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            if DROPOUT:
-                x = tl.where(keep_mask(seed, offs_m, kb * BLOCK_N, threshold, BLOCK_M, BLOCK_N), x, 0.0)
-            part = tl.dot(gt, x.to(LORA_DTYPE), input_precision=FP32_PRECISION)
+            if DROPOUT:  # a product, as torch's dropout: NaN or inf at a dropped position stays NaN
+                x = x * keep_mask(seed, offs_m, kb * BLOCK_N, threshold, BLOCK_M, BLOCK_N).to(x.dtype)
+            part = lora_dot(gt, x, tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32), D_MODE, D_DTYPE)
             da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
             da_mask = rank_ok[:, None] & col_ok[None, :]
             if DETERMINISTIC:
@@ -156,49 +146,58 @@ def lora_grad(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(g [M, r], dA [r, K], dB [N, r]), all fp32, each None when not asked for.
 
-    dy [M, N], lora_B [N, r], xa [M, r] fp32 from the forward, x [M, K]; any strides.
+    dy [M, N], lora_B [N, r], xa [M, r] fp32 from the forward (scaled by s), x [M, K]; any strides.
+    g comes back scaled by s/(1-p), ready for dX's epilogue, its row stride padded (a TMA operand).
     """
     M, N = dy.shape
     K = x.shape[1]
     R = lora_B.shape[1]
+    check_interpretable(dy, lora_B, x)
     dev = dy.device
     if M == 0:
         zeros = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)
         return (zeros(0, R) if need_g else None, zeros(R, K) if need_dA else None, zeros(N, R) if need_dB else None)
 
-    r_block = grad_r_block(rank_pad(R), dy.element_size())
-    if deterministic:
-        # A fixed configuration: the partial buffers are sized by the band count.
-        cfg = deterministic_config("grad", dy.element_size(), r_block, device_arch(dy))
-        bands = triton.cdiv(M, cfg["BLOCK_M"])
-        db = torch.empty((bands, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
-        da = torch.empty((bands, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
-        kernel, grid = _lora_grad_kernel.fn, (bands, triton.cdiv(R, r_block))
-    else:
-        cfg = {}
-        # One zeroed buffer (one memset) holds both atomic accumulators.
-        db_shape, da_shape = (1, N, R) if need_dB else (1, 1, 1), (1, R, K) if need_dA else (1, 1, 1)
-        n_db = db_shape[1] * db_shape[2]
-        acc = torch.zeros(n_db + da_shape[1] * da_shape[2], dtype=torch.float32, device=dev)
-        db, da = acc[:n_db].view(db_shape), acc[n_db:].view(da_shape)
-        kernel = _lora_grad_kernel
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, r_block))
-    g = torch.empty((M, R), dtype=torch.float32, device=dev) if need_g else xa
+    e, arch = dy.element_size(), device_arch(dy)
+    r_block = grad_r_block(rank_pad(R), e)
     dropout = dropout_p > 0.0
-    # fmt: off
-    launch(
-        kernel, grid,
-        dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
-        M, N, K, R, bucket(M),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
-        da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
-        float(scaling), float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p),
+    g_mode, g_dtype = native_16bit(dy.dtype, lora_B.dtype)
+    d_mode, d_dtype = lora_mode(dy.dtype, lora_B.dtype, kept=lora_B.dtype == torch.float32)
+    variant = dict(
         R_BLOCK=r_block, STORE_G=need_g, COMPUTE_DB=need_dB, COMPUTE_DA=need_dA, DROPOUT=dropout,
-        DETERMINISTIC=deterministic, LORA_DTYPE=lora_compute_dtype(dy.dtype, lora_B.dtype),
-        FP32_PRECISION=fp32_dot_precision(dy.dtype), **cfg,
-    )
-    # fmt: on
-    reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
-    return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)
+        DETERMINISTIC=deterministic, G_MODE=g_mode, G_DTYPE=g_dtype, D_MODE=d_mode, D_DTYPE=d_dtype,
+    )  # fmt: skip
+
+    def run(c: GradConfig):
+        bands = triton.cdiv(M, c.BLOCK_M)
+        if deterministic:  # one partial-sum slice per row band, summed below in a fixed order
+            db = torch.empty((bands, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+            da = torch.empty((bands, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
+        else:  # atomics: one zeroed buffer (one memset), owned by this call, holds both accumulators
+            db_shape, da_shape = (1, N, R) if need_dB else (1, 1, 1), (1, R, K) if need_dA else (1, 1, 1)
+            n_db = db_shape[1] * db_shape[2]
+            acc = torch.zeros(n_db + da_shape[1] * da_shape[2], dtype=torch.float32, device=dev)
+            db, da = acc[:n_db].view(db_shape), acc[n_db:].view(da_shape)
+        g = row_padded(M, R, dev) if need_g else xa
+        # fmt: off
+        launch(
+            _lora_grad_kernel, (bands, triton.cdiv(R, r_block)),
+            dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
+            M, N, K, R,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+            x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+            db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
+            da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
+            float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p),
+            **variant, **config_kwargs(c),
+        )
+        # fmt: on
+        reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
+        return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)
+
+    if deterministic:
+        return run(deterministic_entry("grad", e, r_block, arch))
+    configs = {config_name(c): c for c in admitted(grad_table(), keep_grad, e, r_block, arch)}
+    key = (str(dy.dtype), str(lora_B.dtype), bucket(M), N, K, r_block, need_g, need_dA, need_dB, dropout)
+    chosen = tuning.table("grad").pick(key, list(configs), lambda n: (lambda: run(configs[n])), dev)
+    return run(configs[chosen])

@@ -1,13 +1,16 @@
-"""Forward shrink: xa = drop(x)·Aᵀ, the [M, r] product, in fp32.
+"""Forward shrink: xa = s·drop(x)·Aᵀ, the [M, r] product, in fp32.
 
-    x [M, K] (any strides), A [r, K], xa [M, r] fp32
-    xa = (x ⊙ mask)·Aᵀ / (1 - p)        mask from (seed, m, k), see dropout.py; p = 0 draws nothing
+    x [M, K] (any strides), A [r, K], xa [M, r] fp32 (row stride padded to 16 bytes for TMA)
+    xa = s · (x ⊙ mask)·Aᵀ / (1 - p)        mask from (seed, m, k), see dropout.py; p = 0 draws nothing
 
 One pass over x: each program owns BLOCK_M rows and a 1/SPLIT_K share of the K blocks (strided), so
-drop(x) exists only in registers. SPLIT_K > 1 keeps the GPU full when M is small (programs add their
-partial products atomically into a zeroed xa; the configuration's pre-hook zeroes it). xa feeds the
-fused GEMM's epilogue (y += s·xa·Bᵀ) and is kept for backward (dB = s·dYᵀ·xa), so the backward never
-reads x or draws the mask for it again.
+drop(x) exists only in registers. SPLIT_K > 1 keeps the GPU full when M is small: programs add their
+partial products atomically into an xa this call allocated zeroed. The scale s is folded in here, so xa
+feeds the fused GEMM's epilogue (y += xa·Bᵀ) and, kept for backward, dB = dYᵀ·xa, with no further
+scaling; the backward never reads x or draws the mask for dB.
+
+Precision: 16-bit x with adapters of its dtype multiply natively; fp32 adapters are split into two
+TF32 terms (x is exact in TF32), so xa has fp32 accuracy (see precision.py).
 """
 
 from __future__ import annotations
@@ -16,29 +19,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import deterministic_config, device_arch, prune_shrink, shrink_configs
+from . import tuning
+from .configs import ShrinkConfig, admitted, deterministic_entry, device_arch, keep_shrink, shrink_table
+from .configs import launch_kwargs as config_kwargs
+from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
-from .utils import bucket, fp32_dot_precision, launch, lora_compute_dtype, rank_pad
+from .precision import lora_dot, native_16bit
+from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
 
 
 # fmt: off
-@triton.autotune(
-    configs=shrink_configs(),
-    key=["M_BUCKET", "K", "R_PAD", "DROPOUT", "LORA_DTYPE", "FP32_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_shrink},
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "threshold"])
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _shrink_kernel(
     # pointers
     x_ptr, a_ptr, xa_ptr, seed_ptr,
     # sizes
-    M, K, R, M_BUCKET,
+    M, K, R,
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
-    # dropout: floor(p·2^31) and 1/(1-p)
-    threshold, keep_scale,
+    # dropout: round(p·2^16); the output scale s/(1-p) (s without dropout)
+    threshold, out_scale,
     # meta-parameters
-    R_PAD: tl.constexpr, DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, DROPOUT: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # fmt: on
@@ -64,12 +66,11 @@ def _shrink_kernel(
         cols = (kb * BLOCK_K + offs_k[None, :]).to(tl.int64)
         x = tl.load(x_rows + cols * stride_xk, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
         at = tl.load(at_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
-        if DROPOUT:
-            x = tl.where(keep_mask(seed, offs_m, kb * BLOCK_K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-        acc = tl.dot(x.to(LORA_DTYPE), at.to(LORA_DTYPE), acc, input_precision=FP32_PRECISION)
+        if DROPOUT:  # a product, as torch's dropout: NaN or inf at a dropped position stays NaN
+            x = x * keep_mask(seed, offs_m, kb * BLOCK_K, threshold, BLOCK_M, BLOCK_K).to(x.dtype)
+        acc = lora_dot(x, at, acc, LORA_MODE, LORA_DTYPE)
         at_ptrs += SPLIT_K * BLOCK_K * stride_ak
-    if DROPOUT:
-        acc = acc * keep_scale
+    acc = acc * out_scale
 
     out_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
     if SPLIT_K == 1:
@@ -82,36 +83,45 @@ def shrink(
     x: torch.Tensor,
     lora_A: torch.Tensor,
     *,
+    scale: float = 1.0,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """xa = drop(x)·Aᵀ as fp32 [M, r], for x [M, K] and lora_A [r, K] (any strides).
+    """xa = scale·drop(x)·Aᵀ as fp32 [M, r], for x [M, K] and lora_A [r, K] (any strides).
 
     dropout_p > 0 needs `seed` (int64 [1] on x's device); the mask is the one :func:`dropout_mask` gives.
+    The result's row stride is padded to 16 bytes (a TMA operand of the fused GEMM).
     """
     M, K = x.shape
     R = lora_A.shape[0]
-    xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return xa
+    check_interpretable(x, lora_A)
     dropout = dropout_p > 0.0
-    if deterministic:
-        # no K split: no atomics, a fixed summation order
-        cfg = deterministic_config("shrink", x.element_size(), rank_pad(R), device_arch(x))
-        kernel = _shrink_kernel.fn
-    else:
-        cfg, kernel = {}, _shrink_kernel
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
-    # fmt: off
-    launch(
-        kernel, grid,
-        x, lora_A, xa, seed if dropout else xa,
-        M, K, R, bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        R_PAD=rank_pad(R), DROPOUT=dropout, LORA_DTYPE=lora_compute_dtype(x.dtype, lora_A.dtype),
-        FP32_PRECISION=fp32_dot_precision(x.dtype), **cfg,
-    )
-    # fmt: on
-    return xa
+    mode, mode_dtype = native_16bit(x.dtype, lora_A.dtype)
+    variant = dict(R_PAD=rank_pad(R), DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype)
+
+    def run(c: ShrinkConfig) -> torch.Tensor:
+        xa = row_padded(M, R, x.device)
+        if M == 0:
+            return xa
+        if c.SPLIT_K > 1:  # partial products are added atomically: this call's own zeroed buffer
+            xa.zero_()
+        # fmt: off
+        launch(
+            _shrink_kernel, (triton.cdiv(M, c.BLOCK_M), c.SPLIT_K),
+            x, lora_A, xa, seed if dropout else xa,
+            M, K, R,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            drop_threshold(dropout_p), float(scale) / (1.0 - dropout_p),
+            **variant, **config_kwargs(c),
+        )
+        # fmt: on
+        return xa
+
+    e, arch = x.element_size(), device_arch(x)
+    if deterministic:  # no K split: no atomics, a fixed summation order
+        return run(deterministic_entry("shrink", e, rank_pad(R), arch))
+    configs = {config_name(c): c for c in admitted(shrink_table(), keep_shrink, e, rank_pad(R), arch)}
+    key = (str(x.dtype), str(lora_A.dtype), bucket(M), K, rank_pad(R), dropout)
+    chosen = tuning.table("shrink").pick(key, list(configs), lambda n: (lambda: run(configs[n])), x.device)
+    return run(configs[chosen])

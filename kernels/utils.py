@@ -1,4 +1,4 @@
-"""Helpers shared by every kernel: program ordering, dtype mapping, fp32 dot precision, launch counting.
+"""Helpers shared by every kernel: program ordering, launch counting, the TMA rules and allocator.
 
 Nothing here knows about modules or autograd; launchers in the sibling files call these.
 """
@@ -6,17 +6,19 @@ Nothing here knows about modules or autograd; launchers in the sibling files cal
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import threading
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 # How many times each kernel was launched in this process, by kernel name. Tests read it to prove that
 # the Triton kernels (not the reference) produced a result; benchmarks ignore it.
 LAUNCHES: collections.Counter[str] = collections.Counter()
-
-TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def interpreting() -> bool:
@@ -24,17 +26,72 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_interpretable(*tensors) -> None:
+    """Under the interpreter, refuse bf16 operands of matrix products: Triton's interpreter multiplies
+    them wrongly (values ~1e10, triton-lang/triton#11584), and a wrong answer must never come back."""
+    if interpreting() and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError(
+            "bf16 tensors under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products "
+            "wrongly; use fp16/fp32 here, the 'reference' backend, or a GPU"
+        )
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` on the device of its first tensor argument (Triton would
-    use the current device) and count it in :data:`LAUNCHES`."""
+    use the current device), with a scratch allocator for device-side TMA descriptors, and count it in
+    :data:`LAUNCHES`."""
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
     LAUNCHES[name] += 1
     first = next(a for a in args if isinstance(a, torch.Tensor))
-    if first.device.type == "cuda":
-        with torch.cuda.device(first.device):
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+    with _scratch_allocator(first.device):
+        if first.device.type == "cuda":
+            with torch.cuda.device(first.device):
+                kernel[grid](*args, **kwargs)
+        else:  # Triton's interpreter patches triton.language globally while it runs: one launch at a time
+            with _INTERPRETER_LOCK:
+                kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _scratch_allocator(device: torch.device):
+    """Kernels that build TMA descriptors on the device (``tl.make_tensor_descriptor``) ask Triton for a
+    little global scratch memory at launch. Triton's allocator lives in a ContextVar that is unset (an
+    error) in every new thread; provide one from torch's caching allocator (CUDA-graph safe) for this
+    launch only, leaving one the caller set in place."""
+    var = getattr(_allocation, "_allocator", None)
+    if var is None or var.get() is not getattr(_allocation, "_NULL_ALLOCATOR", None):
+        yield
+        return
+    token = var.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def num_programs(device: torch.device) -> int:
+    """Programs of a persistent grid: one per SM (a few under the interpreter, so that each program
+    walks several tiles and the persistent loop is exercised)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """True when TMA can address every 2-D tensor given: last stride 1, the other stride and the base
+    address multiples of 16 bytes (the hardware's rule; Triton's descriptors require it)."""
+    for t in tensors:
+        e = t.element_size()
+        if t.stride(1) != 1 or (t.stride(0) * e) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def row_padded(rows: int, cols: int, device, dtype=torch.float32) -> torch.Tensor:
+    """An empty [rows, cols] tensor whose row stride is padded to 16 bytes, so TMA can address it."""
+    per16 = 16 // torch.empty((), dtype=dtype).element_size()
+    stride = -(-cols // per16) * per16 if cols else per16
+    return torch.empty((rows, stride), dtype=dtype, device=device)[:, :cols]
 
 
 def next_pow2(n: int) -> int:
@@ -52,29 +109,6 @@ def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
 def rank_pad(r: int) -> int:
     """The rank padded for tl.dot: a power of two, at least 16 (tl.dot's smallest dimension)."""
     return max(16, next_pow2(r))
-
-
-def fp32_dot_precision(activation_dtype: torch.dtype) -> str:
-    """How tl.dot multiplies fp32 operands (the adapters' products when A and B are fp32, or everything
-    when the activations are fp32).
-
-    With 16-bit activations the result is rounded to 16 bits anyway, so "tf32" (operands rounded to a
-    10-bit mantissa, 8x finer than bf16's rounding of the output) costs nothing in accuracy; bf16/fp16
-    operands are exact in tf32. With fp32 activations we follow torch's own setting for fp32 matmuls:
-    "tf32" when it allows TF32 (``torch.backends.cuda.matmul.allow_tf32``), otherwise "tf32x3" (three
-    TF32 products, fp32-level accuracy at tensor-core speed) rather than the slow "ieee" FMA path.
-    """
-    if activation_dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3"
-
-
-def lora_compute_dtype(x_dtype: torch.dtype, *adapter_dtypes: torch.dtype):
-    """The dtype the low-rank products run in: fp32 when any adapter is fp32 (PEFT's default keeps
-    adapters in fp32 under 16-bit training), otherwise the activations' dtype."""
-    if torch.float32 in adapter_dtypes:
-        return tl.float32
-    return TORCH_TO_TL[x_dtype]
 
 
 @triton.jit

@@ -111,7 +111,15 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     stubbed: every provider runs for real, only the clock is fake."""
     from fused_lora.bench import sweep
 
-    fake_ms = {"fused": 1.0, "peft": 1.5, "addmm": 1.2, "floor": 0.9}
+    fake_ms = {
+        "fused": 1.0,
+        "fused-tma": 1.0,
+        "fused-ptr": 1.1,
+        "hybrid": 1.05,
+        "peft": 1.5,
+        "addmm": 1.2,
+        "floor": 0.9,
+    }
     calls = []
 
     def fake_time(fn, grad_to_none=None, rep=100):
@@ -128,7 +136,8 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
         if r.get("ms"):
             r["ms"] = fake_ms[r["provider"]]
     sweep.add_ratios(rows)
-    assert len(calls) == 3 * 4 + 3 * 3  # addmm has no dropout case
+    n = len(model.PROVIDERS)
+    assert len(calls) == 3 * n + 3 * (n - 1)  # addmm has no dropout case
     fused = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "fwd" and r["dropout"] == 0)
     assert fused["ratio_to_floor"] == pytest.approx(1.0 / 0.9) and fused["speedup_vs_peft"] == pytest.approx(1.5)
     assert fused["speedup_vs_addmm"] == pytest.approx(1.2) and fused["saved_mb"] > 0

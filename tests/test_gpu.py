@@ -42,7 +42,7 @@ def _compiled_count() -> int:
     from fused_lora.kernels.lora_gemm import _lora_gemm_kernel
     from fused_lora.kernels.shrink import _shrink_kernel
 
-    return sum(len(c[0]) for k in (_lora_gemm_kernel, _shrink_kernel) for c in k.fn.device_caches.values())
+    return sum(len(c[0]) for k in (_lora_gemm_kernel, _shrink_kernel) for c in k.device_caches.values())
 
 
 def test_new_sequence_length_does_not_recompile():

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("fwd", "bwd", "fwdbwd")
-PROVIDERS = ("fused", "peft", "addmm", "floor")
+# fused: ours as users get it (FUSED_LORA_IMPL=auto: per-shape choice); fused-tma / fused-ptr: our fused
+# GEMM forced, through TMA descriptors or pointer loads; hybrid: our low-rank kernel + cuBLAS addmm.
+PROVIDERS = ("fused", "fused-tma", "fused-ptr", "hybrid", "peft", "addmm", "floor")
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,27 @@ def _fused(M, K, N, r, e, ea, d):
             reads * e * (M * N + M * K) + 4 * 2 * M * r + 4 * (N + K) * r,
         ),
         Pass(
-            "dX GEMM + low-rank prologue",
+            "dX GEMM + low-rank epilogue",
             2 * M * N * K + 2 * M * K * r,
             e * (M * N + N * K + M * K) + 4 * M * r + ea * r * K,
         ),
+    ]
+    return fwd, bwd
+
+
+def _hybrid(M, K, N, r, e, ea, d):
+    """Our shrink and grad passes; the low-rank term written as an [M, N] ([M, K]) tensor by a small
+    kernel, then cuBLAS addmm reads it back as its C operand."""
+    fused_fwd, fused_bwd = _fused(M, K, N, r, e, ea, d)
+    fwd = [
+        fused_fwd[0],
+        Pass("C = xa·Bᵀ + bias", 2 * M * N * r, 4 * M * r + ea * N * r + e * M * N),
+        Pass("y = addmm(C, x, Wᵀ)", 2 * M * N * K, e * (M * K + N * K + 2 * M * N)),
+    ]
+    bwd = [
+        fused_bwd[0],
+        Pass("T = mask⊙(g·A)", 2 * M * K * r, 4 * M * r + ea * r * K + e * M * K),
+        Pass("dX = addmm(T, dY, W)", 2 * M * N * K, e * (M * N + N * K + 2 * M * K)),
     ]
     return fwd, bwd
 
@@ -150,4 +169,12 @@ def _addmm(M, K, N, r, e, ea, d):
     return fwd, bwd
 
 
-_PASSES = {"fused": _fused, "peft": _peft, "addmm": _addmm, "floor": _floor}
+_PASSES = {
+    "fused": _fused,
+    "fused-tma": _fused,
+    "fused-ptr": _fused,
+    "hybrid": _hybrid,
+    "peft": _peft,
+    "addmm": _addmm,
+    "floor": _floor,
+}

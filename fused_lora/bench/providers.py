@@ -1,6 +1,9 @@
 """The ways people run a LoRA linear layer, built on identical weights, for side-by-side measurement.
 
-    fused  — ours: LoRALinear on the Triton kernels
+    fused      — ours as users get it: LoRALinear on the Triton kernels, implementation chosen per shape
+    fused-tma  — ours, the fused GEMM forced, its Hopper path (TMA descriptors)
+    fused-ptr  — ours, the fused GEMM forced, its pointer path (what Ampere and unaligned views run)
+    hybrid     — ours, the hybrid forced: our low-rank kernel, then cuBLAS addmm
     peft   — Hugging Face PEFT's own lora.Linear when peft is installed, else the same formula in plain
              PyTorch (fused_lora.reference); the row says which
     addmm  — Unsloth's cuBLAS chain: y = x@Wᵀ; y.addmm_(x@Aᵀ, Bᵀ, alpha=s), with the matching backward
@@ -13,6 +16,7 @@ the first needs dX).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -88,7 +92,8 @@ class Provider:
 
 
 class Fused(Provider):
-    name, impl = "fused", "fused_lora (Triton)"
+    name, impl = "fused", "fused_lora (Triton, FUSED_LORA_IMPL=auto)"
+    choice: tuple[str, str | None] = ("auto", None)  # (implementation, GEMM path) forced while it runs
 
     def build(self, case, w):
         layer = fused_lora.LoRALinear(
@@ -105,13 +110,39 @@ class Fused(Provider):
         _load(layer.weight, w["W"]), _load(layer.lora_A, w["A"]), _load(layer.lora_B, w["B"])
         return layer
 
+    def _scope(self):
+        from fused_lora.kernels import tuning
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(fused_lora.use_backend("triton"))
+        stack.enter_context(fused_lora.use_impl(self.choice[0]))
+        if self.choice[1]:
+            stack.enter_context(tuning.force("gemm_path", self.choice[1]))
+        return stack
+
     def forward(self):
-        with fused_lora.use_backend("triton"):
+        with self._scope():
             return super().forward()
 
+    def backward(self):
+        with self._scope():
+            super().backward()
+
     def fwdbwd(self):
-        with fused_lora.use_backend("triton"):
+        with self._scope():
             super().fwdbwd()
+
+
+class FusedTMA(Fused):
+    name, impl, choice = "fused-tma", "fused_lora fused GEMM, TMA path", ("fused", "tma")
+
+
+class FusedPointer(Fused):
+    name, impl, choice = "fused-ptr", "fused_lora fused GEMM, pointer path", ("fused", "pointer")
+
+
+class Hybrid(Fused):
+    name, impl, choice = "hybrid", "fused_lora low-rank kernel + cuBLAS addmm", ("hybrid", None)
 
 
 class Peft(Provider):
@@ -155,7 +186,7 @@ class NotApplicable(Exception):
     """This provider cannot run this case (the message says why)."""
 
 
-PROVIDER_CLASSES = {p.name: p for p in (Fused, Peft, Addmm, Floor)}
+PROVIDER_CLASSES = {p.name: p for p in (Fused, FusedTMA, FusedPointer, Hybrid, Peft, Addmm, Floor)}
 
 
 def make_weights(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:

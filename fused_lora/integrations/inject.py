@@ -50,12 +50,13 @@ def wrap_module(module: nn.Module, r: int, lora_alpha: float, lora_dropout: floa
                 merge_weights: bool = False, lora_dtype=None) -> nn.Module:  # fmt: skip
     """The LoRA layer for `module`, sharing its weights (see :func:`lora_class`)."""
     cls = lora_class(module)
+    common = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=merge_weights, lora_dtype=lora_dtype)
     if cls is LoRALinear:
-        return LoRALinear.from_linear(module, r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
+        return LoRALinear.from_linear(module, lora_dropout=lora_dropout, **common)
     if cls is Embedding:
-        return Embedding.from_embedding(module, r, lora_alpha, merge_weights, use_rslora, lora_dtype)
+        return Embedding.from_embedding(module, **common)
     if cls is not None:
-        return cls.from_conv(module, r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype)
+        return cls.from_conv(module, lora_dropout=lora_dropout, **common)
     raise TypeError(f"{type(module).__name__} is not {ADAPTABLE}")
 
 

@@ -1,0 +1,120 @@
+"""Two implementations of the same fused Function, and the per-shape choice between them.
+
+    fused   our persistent GEMM adds the low-rank term in its epilogue (kernels.lora_gemm): nothing
+            [M, N]-sized besides the output is written or read.
+    hybrid  a small kernel writes the low-rank term C = mask⊙(L·R) + bias as an [M, N] tensor
+            (kernels.low_rank) and cuBLAS finishes: y = addmm(C, x, Wᵀ), dX = addmm(T, dY, W). One
+            [M, N] write and read more, traded for cuBLAS's main loop: the safety net where our GEMM
+            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for).
+
+Both use the same shrink and grad kernels, save the same tensors (x, xa, the seed) and draw the same
+dropout mask, so the choice can differ between forward and backward, and between shapes.
+
+    auto     (default) time both on the first call of each (GPU, direction, dtypes, M bucket, N, K, r,
+             dropout, bias) and keep the faster, in memory and on disk (kernels.tuning); inside a CUDA
+             graph capture, a problem not yet timed runs `fused` (untimed, not cached); deterministic
+             mode (``torch.use_deterministic_algorithms``) always runs `fused` (no atomics, one fixed
+             configuration; cuBLAS's choice of algorithm may change with the workspace).
+    fused    / hybrid: force one.
+
+Chosen, most specific first, by :func:`use_impl` (this thread / task), :func:`set_impl` (process),
+the environment variable ``FUSED_LORA_IMPL``, then ``auto``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+IMPLS = ("auto", "fused", "hybrid")
+ENV_VAR = "FUSED_LORA_IMPL"
+
+_process: str | None = None
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_impl", default=None)
+
+
+def _check(name: str, where: str) -> str:
+    if not isinstance(name, str) or name not in IMPLS:
+        raise ValueError(f"{where} must be one of {IMPLS}, got {name!r}")
+    return name
+
+
+def set_impl(name: str | None) -> None:
+    """Force an implementation for this process ('auto', 'fused', 'hybrid'); None returns to the
+    environment variable / auto."""
+    global _process
+    _process = None if name is None else _check(name, "impl")
+
+
+def get_impl() -> str:
+    """The configured implementation name (before 'auto' is resolved for a problem)."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    if _process is not None:
+        return _process
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_impl(name: str) -> Iterator[None]:
+    """``with use_impl("hybrid"): ...`` runs the block (in this thread / task only) with that implementation."""
+    token = _scoped.set(_check(name, "impl"))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool) -> torch.Tensor:
+    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem."""
+
+    def fused():
+        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic)
+
+    def hybrid():
+        c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias)
+        return c.addmm_(x2, weight.t())
+
+    M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]
+    key = ("fwd", x2.dtype, lora_B.dtype, M, N, K, r, 0.0, bias is not None)
+    return _run(key, fused, hybrid, deterministic, x2.device)
+
+
+def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool) -> torch.Tensor:
+    """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem."""
+
+    def fused():
+        return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
+
+    def hybrid():
+        t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
+        return t.addmm_(dy2, weight)
+
+    M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]
+    key = ("bwd", dy2.dtype, lora_A.dtype, M, K, N, r, dropout_p, False)
+    return _run(key, fused, hybrid, deterministic, dy2.device)
+
+
+def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -> str:
+    """'fused' or 'hybrid' for a problem `key` (direction, dtypes, M, N, K, r, p, bias)."""
+    name = get_impl()
+    if name != "auto":
+        return name
+    if deterministic or device.type == "meta":
+        return "fused"
+    from .kernels import tuning
+    from .kernels.utils import bucket, rank_pad
+
+    direction, x_dtype, a_dtype, M, N, K, r, p, has_bias = key
+    table_key = (direction, str(x_dtype), str(a_dtype), bucket(M), N, K, rank_pad(r), p > 0, has_bias)
+    return tuning.table("impl").pick(table_key, ["fused", "hybrid"], bench, device)
+
+
+def _run(key, fused, hybrid, deterministic: bool, device: torch.device) -> torch.Tensor:
+    impls = {"fused": fused, "hybrid": hybrid}
+    return impls[resolve(key, deterministic, device, bench=lambda n: impls[n])]()

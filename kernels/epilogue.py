@@ -1,0 +1,135 @@
+"""The fused GEMM's epilogue, shared by the fused GEMM (``lora_gemm``) and the hybrid's low-rank term
+(``low_rank``): everything that happens to an output tile after its main loop.
+
+    tile [BLOCK_M, W] += mask ⊙ (L [BLOCK_M, r] · R [r, W])  +  bias [W],   then one store
+
+L (xa or g, fp32, already scaled) and R (Bᵀ or A) are read through TMA descriptors on the Hopper path
+(loaded from shared memory by the tensor cores: pointer loads of these small tiles inside the persistent
+loop made ptxas serialise every wgmma, warning C7515) or through masked pointer loads on the Ampere
+path. The rank is walked in R_CHUNK slices.
+
+Without dropout the low-rank product accumulates straight into the [BLOCK_M, BLOCK_N] accumulator. With
+dropout it must be masked before it is added, so it needs a tile of its own: the tile is split into
+SUBTILES column slices (128x256 in four 128x64 slices) and each slice gets its product, its mask and its
+store in turn — the main loop starts at once and the extra registers are a slice's, not a tile's.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dropout import keep_mask
+from .precision import lora_dot
+
+
+# fmt: off
+@triton.jit
+def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, TMA: tl.constexpr,
+                 R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr):
+    # fmt: on
+    """acc [BLOCK_M, WIDTH] + L[off_m : off_m + BLOCK_M, :R] · R[:R, off_n : off_n + WIDTH].
+
+    TMA: l_src / r_src are descriptors (R as [N, R] when R_NR, else [R, N]); otherwise pointers."""
+    if TMA:
+        for c in range(0, tl.cdiv(R, R_CHUNK)):
+            lt = l_src.load([off_m, c * R_CHUNK])
+            if R_NR:
+                rt = r_src.load([off_n, c * R_CHUNK]).T
+            else:
+                rt = r_src.load([c * R_CHUNK, off_n])
+            acc = lora_dot(lt, rt, acc, LORA_MODE, LORA_DTYPE)
+    else:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, WIDTH)
+        offs_c = tl.arange(0, R_CHUNK)
+        l_ptrs = l_src + offs_m[:, None].to(tl.int64) * stride_lm + offs_c[None, :] * stride_lr
+        r_ptrs = r_src + offs_c[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn
+        for c in range(0, tl.cdiv(R, R_CHUNK)):
+            r_left = R - c * R_CHUNK
+            lt = tl.load(l_ptrs, mask=(offs_m[:, None] < M) & (offs_c[None, :] < r_left), other=0.0)
+            rt = tl.load(r_ptrs, mask=(offs_c[:, None] < r_left) & (offs_n[None, :] < N), other=0.0)
+            acc = lora_dot(lt, rt, acc, LORA_MODE, LORA_DTYPE)
+            l_ptrs += R_CHUNK * stride_lr
+            r_ptrs += R_CHUNK * stride_rr
+    return acc
+
+
+# fmt: off
+@triton.jit
+def finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
+                 M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, TMA: tl.constexpr,
+                 R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+                 DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    # fmt: on
+    """One output slice [BLOCK_M, WIDTH] at (off_m, off_n): with DROPOUT add the masked low-rank
+    product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store."""
+    if DROPOUT:
+        low = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+        low = add_low_rank(low, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                           WIDTH, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
+        keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
+        acc = acc + low * keep.to(tl.float32)  # a product, as torch's dropout backward: NaN stays NaN
+    offs_n = off_n + tl.arange(0, WIDTH)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(OUT_DTYPE)
+    if TMA:
+        o_dst.store([off_m, off_n], out)
+    else:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        ptrs = o_dst + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+        tl.store(ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] -> its left and right [ROWS, COLS // 2] halves (registers only)."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+# fmt: off
+@triton.jit
+def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
+                M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
+                TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+                DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    # fmt: on
+    """The whole epilogue of one [BLOCK_M, BLOCK_N] tile: the low-rank term (in the accumulator without
+    dropout; per slice with it), bias, and the store in SUBTILES slices (1, 2 or 4)."""
+    if not DROPOUT:
+        acc = add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                           BLOCK_N, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
+    W: tl.constexpr = BLOCK_N // SUBTILES
+    if SUBTILES == 1:
+        finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+    elif SUBTILES == 2:
+        a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
+        finish_slice(a0, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a1, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+    else:
+        tl.static_assert(SUBTILES == 4, "SUBTILES must be 1, 2 or 4")
+        a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
+        a00, a01 = halves(a0, BLOCK_M, BLOCK_N // 2)
+        a10, a11 = halves(a1, BLOCK_M, BLOCK_N // 2)
+        finish_slice(a00, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a01, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a10, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
+                     R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a11, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
+                     R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)

@@ -1,0 +1,116 @@
+"""The hybrid implementation's small kernel: the low-rank term alone, written as an [M, N] tensor for
+cuBLAS to finish.
+
+    out [M, N] = mask ⊙ (L [M, r] · R [r, N]) + bias [N]          (then out.addmm_(P, Q) in cuBLAS)
+
+Forward:  L = xa, R = Bᵀ, bias, no mask      -> C;  y  = addmm(C, x, Wᵀ)
+Backward: L = g,  R = A,  mask of x, no bias  -> T;  dX = addmm(T, dY, W)
+
+It is the fused GEMM's epilogue (:mod:`kernels.epilogue`) with an empty main loop (K = 0): the same
+rank walk, the same precision modes, the same dropout mask bit for bit. Memory-bound: it writes M·N
+elements that cuBLAS reads back — one [M, N] write and read traded for cuBLAS's main loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning
+from .configs import R_CHUNK, GemmConfig, admitted, device_arch, gemm_table, keep_gemm
+from .configs import launch_kwargs as config_kwargs
+from .configs import name as config_name
+from .dropout import drop_threshold
+from .epilogue import finish_tile
+from .lora_gemm import tma_operand
+from .precision import lora_mode
+from .utils import bucket, check_interpretable, launch, rank_pad, tile_coords, tma_compatible
+
+
+# fmt: off
+@triton.jit(do_not_specialize=["M", "threshold"])
+def _low_rank_kernel(
+    # pointers
+    l_ptr, r_ptr, bias_ptr, out_ptr, seed_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+    # dropout: round(p·2^16)
+    threshold,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    TMA: tl.constexpr, R_NR: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILES: tl.constexpr,
+):
+    # fmt: on
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    W: tl.constexpr = BLOCK_N // SUBTILES
+    RW: tl.constexpr = W if DROPOUT else BLOCK_N
+    if TMA:
+        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
+        if R_NR:
+            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
+        else:
+            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
+        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
+    else:
+        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+                BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
+                out_ptr.dtype.element_ty)  # fmt: skip
+
+
+def low_rank(
+    l: torch.Tensor,
+    r: torch.Tensor,
+    *,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    lora_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """mask⊙(l·r) + bias as a new [M, N] tensor in `out_dtype`, for l [M, r] fp32 (scaled already) and
+    r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0."""
+    M, R = l.shape
+    N = r.shape[1]
+    check_interpretable(r)
+    out = torch.empty((M, N), dtype=out_dtype, device=l.device)
+    if M == 0 or N == 0:
+        return out
+    dropout = dropout_p > 0.0
+    lora_dtype = lora_dtype or r.dtype
+    arch = device_arch(l)
+    tma = arch >= 90 and tma_compatible(out, l)
+    r_nr = False
+    if tma:
+        r, r_nr = tma_operand(r)
+    mode, mode_dtype = lora_mode(out_dtype, lora_dtype, kept=False)
+    variant = dict(
+        HAS_BIAS=bias is not None, DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype, TMA=tma, R_NR=r_nr,
+        R_CHUNK=R_CHUNK,
+    )  # fmt: skip
+    args = (
+        l, r, bias if bias is not None else out, out, seed if dropout else out,
+        M, N, R,
+        l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        drop_threshold(dropout_p),
+    )  # fmt: skip
+
+    def run(c: GemmConfig) -> torch.Tensor:
+        grid = (triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N),)
+        launch(_low_rank_kernel, grid, *args, **variant, **config_kwargs(c))
+        return out
+
+    e = torch.empty((), dtype=out_dtype).element_size()
+    configs = {config_name(c): c for c in admitted(gemm_table(low_rank=True), keep_gemm, e, dropout, arch, tma)}
+    key = (str(out_dtype), str(lora_dtype), bucket(M), N, rank_pad(R), dropout, bias is not None, tma)
+    chosen = tuning.table("low_rank").pick(key, list(configs), lambda n: (lambda: run(configs[n])), l.device)
+    return run(configs[chosen])

@@ -1,0 +1,227 @@
+"""The two implementations (fused GEMM, hybrid) on both tile-loading paths (TMA descriptors, pointers),
+the per-shape choice between them, the tuner behind it, and the 16-bit dropout draws.
+
+Under the interpreter nothing can be timed, so the choosing logic is driven with a fake timer; the
+kernels themselves run for real (TMA descriptors included: the interpreter executes them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_function import fused
+
+import fused_lora
+from fused_lora import impl
+from fused_lora.kernels import LAUNCHES, configs, dropout_mask, effective_dropout_p, tuning
+from fused_lora.kernels.lora_gemm import tma_path
+
+from helpers import lora_inputs
+from test_parity import DTYPE_IDS, DTYPES, check_parity
+
+
+@pytest.fixture(params=["tma", "pointer"])
+def path(request):
+    with tuning.force("gemm_path", request.param):
+        yield request.param
+
+
+@pytest.fixture(params=["fused", "hybrid"])
+def implementation(request):
+    with impl.use_impl(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("r", "bias", "p"), [(7, True, 0.3), (16, False, 0.0), (33, True, 0.0)])
+def test_parity_every_path_and_implementation(path, implementation, dtypes, r, bias, p, device):
+    x, w, a, b, bb = lora_inputs(37, 53, 41, r, *dtypes, bias=bias, device=device)
+    check_parity(x, w, a, b, bb, 1.7, p)
+
+
+def test_implementations_launch_what_they_say(device):
+    """fused: shrink + GEMM forward, grad + GEMM backward; hybrid: the low-rank kernel instead of the
+    GEMM (cuBLAS does the product), the same shrink and grad."""
+    x, w, a, b, bb = lora_inputs(21, 33, 17, 4, device=device)
+    for name, gemm in (("fused", "_lora_gemm_kernel"), ("hybrid", "_low_rank_kernel")):
+        xs, as_ = x.clone().requires_grad_(), a.clone().requires_grad_()
+        before = LAUNCHES.copy()
+        with impl.use_impl(name):
+            fused_lora.lora_linear(xs, w, as_, b, 2.0, bias=bb, dropout_p=0.1).sum().backward()
+        assert LAUNCHES - before == {"_shrink_kernel": 1, gemm: 2, "_lora_grad_kernel": 1}, name
+
+
+def test_forward_and_backward_agree_on_the_mask_whatever_the_tiles(device):
+    """Forward with one set of tile shapes, backward with another (every kernel): the mask is a
+    function of (seed, m, k) only, so the gradients equal those of a run with the same tiles both ways."""
+    x, w, a, b, bias = lora_inputs(45, 70, 38, 6, device=device)
+    dy = torch.randn(45, 38, device=device)
+    tables = {"gemm": configs.gemm_table(), "shrink": configs.shrink_table(), "grad": configs.grad_table()}
+    names = {t: [configs.name(c) for c in table] for t, table in tables.items()}
+
+    def run(fwd: int, bwd: int, which: str = "fused"):
+        xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
+        with (
+            impl.use_impl(which),
+            tuning.force("gemm", names["gemm"][fwd]),
+            tuning.force("shrink", names["shrink"][fwd]),
+        ):
+            y = fused(xs, w, as_, bs, bias)
+        with impl.use_impl(which), tuning.force("gemm", names["gemm"][bwd]), tuning.force("grad", names["grad"][bwd]):
+            y.backward(dy)
+        return y.detach(), xs.grad, as_.grad, bs.grad
+
+    same, mixed, hybrid = run(0, 0), run(0, 1), run(1, 0, "hybrid")
+    for g_same, g_mixed, g_hybrid in zip(same, mixed, hybrid):
+        torch.testing.assert_close(g_mixed, g_same, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_hybrid, g_same, rtol=1e-5, atol=1e-5)
+
+
+def test_tma_path_needs_aligned_row_major_operands(device):
+    x, w, _, _, _ = lora_inputs(64, 32, 48, 4, device=device)
+    out = torch.empty(64, 48, device=device)
+    assert tma_path(x, w.t(), out) and tma_path(x, w.t().contiguous(), out)
+    assert not tma_path(x.t().contiguous().t(), w.t(), out)  # x column-major
+    odd = torch.randn(64 * 33 + 1, device=device)[1:].view(64, 33)[:, :32]  # base 4 bytes off 16
+    assert not tma_path(odd, w.t(), out)
+    assert not tma_path(torch.randn(64, 30, device=device)[:, :29], torch.randn(29, 48, device=device), out)
+
+
+# ---------------------------------------------------------------- dropout draws
+
+
+def _philox(seed: int, c0: np.ndarray, c1: np.ndarray) -> list[np.ndarray]:
+    """Philox4x32-10, written from the paper's constants, in numpy: the spec of keep_mask's words."""
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    c = [c0.astype(np.uint64), c1.astype(np.uint64), np.zeros_like(c0, np.uint64), np.zeros_like(c0, np.uint64)]
+    key = [np.uint64(k0), np.uint64(k1)]
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [
+            ((p1 >> np.uint64(32)) ^ c[1] ^ key[0]) & np.uint64(0xFFFFFFFF),
+            p1 & np.uint64(0xFFFFFFFF),
+            ((p0 >> np.uint64(32)) ^ c[3] ^ key[1]) & np.uint64(0xFFFFFFFF),
+            p0 & np.uint64(0xFFFFFFFF),
+        ]
+        key = [(key[0] + np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF),
+               (key[1] + np.uint64(0xBB67AE85)) & np.uint64(0xFFFFFFFF)]  # fmt: skip
+    return c
+
+
+def test_mask_is_the_documented_16_bit_draw(device):
+    """Element (m, k) keeps when half h = (k % 8) % 2 of word j = (k % 8) // 2 of Philox((k // 8, m)) is
+    >= round(p·2^16): one Philox call per 8 elements."""
+    seed, M, K, p = (1 << 40) + 12345, 19, 70, 0.3
+    got = dropout_mask(torch.tensor([seed], device=device), M, K, p).cpu().numpy()
+    m, k = np.meshgrid(np.arange(M), np.arange(K), indexing="ij")
+    words = _philox(seed, (k // 8).astype(np.uint32), m.astype(np.uint32))
+    j, h = (k % 8) // 2, (k % 8) % 2
+    word = np.choose(j, words)
+    draw = (word >> (16 * h).astype(np.uint64)) & np.uint64(0xFFFF)
+    assert np.array_equal(got, draw >= round(p * 65536))
+
+
+def test_dropout_probability_is_quantised_to_2_pow_minus_16(device):
+    assert effective_dropout_p(0.1) == 6554 / 65536 and abs(effective_dropout_p(0.1) - 0.1) <= 2**-17
+    m = dropout_mask(torch.tensor([3], device=device), 512, 512, 0.1)
+    assert abs(1 - m.float().mean().item() - effective_dropout_p(0.1)) < 0.005
+    assert dropout_mask(torch.tensor([3], device=device), 64, 64, 1 - 2**-18).sum() == 0  # rounds to all-drop
+
+
+# ---------------------------------------------------------------- choosing (impl and configs)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A tuner that 'times' on any device with a scripted timer, its disk cache in tmp_path."""
+    monkeypatch.setenv("FUSED_LORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    tuning.reset_caches()
+    calls = []
+
+    def timer(fn):
+        out = fn()
+        name = out if isinstance(out, str) else fn.__name__  # impl's candidates are functions named for it
+        if name in ("fast", "slow", "fused", "hybrid"):
+            calls.append(name)
+        return {"fast": 1.0, "slow": 2.0, "fused": 3.0, "hybrid": 1.5}.get(name, 5.0)
+
+    monkeypatch.setattr(tuning, "measure", timer)
+    yield calls
+    tuning.reset_caches()
+
+
+def test_tuner_times_once_then_remembers_in_memory_and_on_disk(fake_gpu, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    table = tuning.table("test-table")
+    bench = lambda name: lambda: name
+    assert table.pick(("k",), ["slow", "fast"], bench, cpu) == "fast"
+    assert fake_gpu == ["slow", "fast"]
+    assert table.pick(("k",), ["slow", "fast"], bench, cpu) == "fast" and len(fake_gpu) == 2  # memory
+    assert list(tmp_path.glob("choices-*.json"))
+    tuning.reset_caches()  # a new process: the disk answers
+    assert tuning.table("test-table").pick(("k",), ["slow", "fast"], bench, cpu) == "fast" and len(fake_gpu) == 2
+    with tuning.force("test-table", "slow"):
+        assert table.pick(("k",), ["slow", "fast"], bench, cpu) == "slow"
+    monkeypatch.setenv("FUSED_LORA_AUTOTUNE", "0")
+    assert table.pick(("other",), ["slow", "fast"], bench, cpu) == "slow" and len(fake_gpu) == 2
+
+
+def test_tuner_never_times_inside_a_graph_capture(fake_gpu, monkeypatch):
+    monkeypatch.setattr(tuning, "capturing", lambda device: True)
+    table = tuning.table("capture-table")
+    bench = lambda name: lambda: name
+    assert table.pick(("k",), ["slow", "fast"], bench, torch.device("cpu")) == "slow"  # the default
+    assert fake_gpu == []
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    assert table.pick(("k",), ["slow", "fast"], bench, torch.device("cpu")) == "fast"  # not cached before
+
+
+def test_auto_picks_the_faster_implementation_per_direction(fake_gpu, device):
+    """auto times fused and hybrid (here: scripted, hybrid faster) once per problem and runs the winner;
+    deterministic mode runs fused whatever was timed; an explicit choice wins over both."""
+    x, w, a, b, bb = lora_inputs(21, 33, 17, 4, device=device)
+    x.requires_grad_()
+    with impl.use_impl("auto"):
+        before = LAUNCHES.copy()
+        fused_lora.lora_linear(x, w, a, b, 2.0, bias=bb).sum().backward()
+        ran = LAUNCHES - before
+    assert ran["_low_rank_kernel"] >= 2 and set(fake_gpu) == {"fused", "hybrid"}
+    timed = len(fake_gpu)
+    with impl.use_impl("auto"):
+        before = LAUNCHES.copy()
+        fused_lora.lora_linear(x, w, a, b, 2.0, bias=bb).sum().backward()
+        assert LAUNCHES - before == {"_shrink_kernel": 1, "_low_rank_kernel": 2, "_lora_grad_kernel": 1}
+    assert len(fake_gpu) == timed  # remembered
+    torch.use_deterministic_algorithms(True)
+    try:
+        with impl.use_impl("auto"):
+            before = LAUNCHES.copy()
+            fused_lora.lora_linear(x, w, a, b, 2.0, bias=bb)
+            assert (LAUNCHES - before)["_lora_gemm_kernel"] == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_impl_selection_rules(monkeypatch):
+    import contextvars
+
+    def fresh():
+        monkeypatch.setenv("FUSED_LORA_IMPL", "hybrid")
+        assert impl.get_impl() == "hybrid"
+        impl.set_impl("fused")
+        try:
+            assert impl.get_impl() == "fused"
+            with impl.use_impl("auto"):
+                assert impl.get_impl() == "auto"
+            assert impl.get_impl() == "fused"
+        finally:
+            impl.set_impl(None)
+        monkeypatch.setenv("FUSED_LORA_IMPL", "bogus")
+        with pytest.raises(ValueError, match="FUSED_LORA_IMPL must be one of"):
+            impl.get_impl()
+
+    contextvars.Context().run(fresh)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        impl.use_impl("cublas").__enter__()
