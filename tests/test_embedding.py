@@ -260,3 +260,17 @@ def test_every_embedding_config_is_compiled_and_served():
                 )
             r_block = configs.EMBEDDING_R_BLOCK[elem]
             assert any(configs.keep_embedding(c, elem, r_block, arch) for c in configs.EMBEDDING_BWD), (arch, elem)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_each_configuration_computes_the_same(which, device):
+    """Whichever configuration the tuner picks (forced here: on the CPU it always takes the first), the
+    results pass the parity rule: tile shapes, the D split and the band height change nothing."""
+    from fused_lora.kernels import configs, tuning
+
+    fwd, bwd = configs.embedding_table("fwd")[which], configs.embedding_table("bwd")[which]
+    w, a, b = tables(19, device=device)
+    before = LAUNCHES.copy()
+    with tuning.force("embedding_fwd", configs.name(fwd)), tuning.force("embedding_bwd", configs.name(bwd)):
+        check(indices(device=device), w, a, b, padding_idx=2, scale_grad_by_freq=True)
+    assert (LAUNCHES - before)["_lora_embedding_bwd_kernel"] == 1
