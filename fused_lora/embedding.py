@@ -26,6 +26,7 @@ the kernel gives rows of zeros for such indices instead of reading out of bounds
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import reference_layers
-from .backend import resolve_backend
+from .backend import interpreting, resolve_backend
 from .merging import MergeRecord, merge_exact, unmerge_exact
 from .validation import check_rank, check_scaling
 
@@ -185,7 +186,15 @@ def lora_embedding(
     if r == 0:
         return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     device = weight.device
-    if device.type == "meta" or resolve_backend(device) == "reference":
+    bf16_interpreted = device.type == "cpu" and interpreting() and torch.bfloat16 in (weight.dtype, lora_A.dtype)
+    if bf16_interpreted and resolve_backend(device) == "triton":  # as lora_linear: never a wrong answer
+        warnings.warn(
+            "bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products wrongly, "
+            "so this call runs the reference implementation instead of the kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if device.type == "meta" or bf16_interpreted or resolve_backend(device) == "reference":
         return reference_layers.lora_embedding(
             input, weight, lora_A, lora_B, scaling, padding_idx, None, norm_type, scale_grad_by_freq
         )

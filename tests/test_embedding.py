@@ -274,3 +274,18 @@ def test_each_configuration_computes_the_same(which, device):
     with tuning.force("embedding_fwd", configs.name(fwd)), tuning.force("embedding_bwd", configs.name(bwd)):
         check(indices(device=device), w, a, b, padding_idx=2, scale_grad_by_freq=True)
     assert (LAUNCHES - before)["_lora_embedding_bwd_kernel"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 limitation")
+def test_bf16_under_the_interpreter_never_returns_garbage():
+    """The interpreter's bf16 tl.dot is wrong: lora_embedding runs the reference with a warning (as
+    lora_linear does), and the kernels' launchers refuse bf16 outright."""
+    w, a, b = tables(3, torch.bfloat16, torch.float32)
+    idx = indices()
+    before = LAUNCHES.copy()
+    with pytest.warns(RuntimeWarning, match="bf16 under TRITON_INTERPRET"):
+        y = fused_lora.lora_embedding(idx, w, a, b, 2.0)
+    assert LAUNCHES - before == {}
+    torch.testing.assert_close(y, reference_layers.lora_embedding(idx, w, a, b, 2.0))
+    with pytest.raises(TypeError, match="bf16 tensors under TRITON_INTERPRET"):
+        lora_embedding_forward(idx.view(-1), w, a, b, 2.0)
