@@ -14,59 +14,45 @@ re-importing anything.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator
 
 import torch
 
+from .setting import Setting
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "FUSED_LORA_BACKEND"
-
-_forced: str | None = None  # set_backend: the whole process
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_backend", default=None)
-
-
-def _check(name: str, where: str) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
-    return name
+_SETTING = Setting("backend", BACKENDS, ENV_VAR)
 
 
 def set_backend(name: str | None) -> None:
     """Force a backend for this process ('auto', 'triton', 'reference'); None returns to the
     environment variable / auto."""
-    global _forced
-    _forced = None if name is None else _check(name, "backend")
+    _SETTING.set(name)
 
 
 def get_backend() -> str:
     """The configured backend name (before 'auto' is resolved for a device)."""
-    scoped = _scoped.get()
-    if scoped is not None:
-        return scoped
-    if _forced is not None:
-        return _forced
-    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return _SETTING.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """``with use_backend("reference"): ...`` runs the block with that backend in this thread (or asyncio
     task) only, then restores what was there; other threads keep their own choice."""
-    token = _scoped.set(_check(name, "backend"))
-    try:
+    with _SETTING.use(name):
         yield
-    finally:
-        _scoped.reset(token)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on `device`."""
+    """'triton' or 'reference' for tensors on `device`. Under torch.compile it is read once, when a
+    graph is traced, and baked into it (switching backends afterwards needs ``torch._dynamo.reset()``)."""
     name = get_backend()
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"

@@ -26,6 +26,7 @@ class Job:
     mma_expected: bool
     archs: tuple[int, ...] = ARCHS  # where kernels.configs admits this configuration
     tma: bool = False  # the Hopper path: expects TMA (cp.async.bulk.tensor) on sm_90a
+    serial_ok: bool = False  # memory-bound (N = r): serialised wgmma is reported, not a failure
 
     def meta_for(self, arch: int) -> dict:
         return {**self.meta, "NUM_PROGRAMS": NUM_SMS[arch]} if "NUM_PROGRAMS" in self.meta else self.meta
@@ -75,7 +76,7 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) ->
         n_out, k_red = N, K
     return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
                 out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
-                threshold="i32", **strides)
+                threshold="i32", group_n="i32", groups_ptr="*i32", **strides)
 
 
 def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
@@ -84,7 +85,7 @@ def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
     lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
     return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr="*" + dt, seed_ptr="*i64",
                 M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
-                threshold="i32", **lr)
+                threshold="i32", group_n="i32", groups_ptr="*i32", **lr)
 
 
 def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
@@ -117,8 +118,9 @@ def gemm_jobs(sizes: dict) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else archs
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False),
-                            MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32", TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
+                            **_modes(dt, lora_dt, kept=False), TMA=tma,
+                            MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32",
                             Q_NK=tma and not backward, R_NR=tma and not backward, NUM_PROGRAMS=0,
                             R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
                             GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
@@ -140,7 +142,8 @@ def low_rank_jobs(sizes: dict) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else tuple(a for a in archs if a < 90)
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, **_modes(dt, lora_dt, kept=False), TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
+                            **_modes(dt, lora_dt, kept=False), TMA=tma,
                             R_NR=tma and not backward, R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
                             BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
                 args = _low_rank_args(dt, lora_dt, sizes, backward)
@@ -150,14 +153,15 @@ def low_rank_jobs(sizes: dict) -> list[Job]:
     return jobs
 
 
-def _stream_variants(c, keep, cap=lambda dt: 256) -> list[tuple[str, int, tuple[int, ...]]]:
-    """(activation dtype, largest rank bucket admitted, archs) for bf16 and fp32 activations."""
+def _stream_variants(c, keep, cap=lambda dt: 256) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """(activation dtype, adapter dtype, largest rank bucket admitted, archs): bf16 activations with fp32
+    adapters (split in two TF32 halves: the heaviest) and with bf16 ones (native), fp32 activations."""
     out = []
-    for dt in ("bf16", "fp32"):
+    for dt, lora_dt in (("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")):
         fits = [(r, _admitted(keep, c, BYTES[dt], r)) for r in RANK_BUCKETS if r <= cap(dt)]
         fits = [(r, archs) for r, archs in fits if archs]
         if fits:
-            out.append((dt, *fits[-1]))
+            out.append((dt, lora_dt, *fits[-1]))
     return out
 
 
@@ -166,12 +170,13 @@ def shrink_jobs(sizes: dict) -> list[Job]:
 
     jobs = []
     for c in SHRINK:
-        for dt, r, archs in _stream_variants(c, keep_shrink):
-            meta = dict(R_PAD=r, DROPOUT=True, **_modes(dt, "fp32", kept=True), BLOCK_M=c.BLOCK_M,
+        for dt, lora_dt, r, archs in _stream_variants(c, keep_shrink):
+            meta = dict(R_PAD=r, DROPOUT=True, **_modes(dt, lora_dt, kept=True), BLOCK_M=c.BLOCK_M,
                         BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)  # fmt: skip
-            variant = f"dropout {dt}, fp32 A, r<={r}"
-            jobs.append(Job("_shrink_kernel", "shrink", _cfg_name(c), variant, _shrink_args(dt, sizes, r), meta,
-                            c.num_warps, c.num_stages, False, archs))  # fmt: skip
+            variant = f"dropout {dt}, {lora_dt} A, r<={r}"
+            args = {**_shrink_args(dt, sizes, r), "a_ptr": "*" + lora_dt}
+            jobs.append(Job("_shrink_kernel", "shrink", _cfg_name(c), variant, args, meta,
+                            c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
     return jobs
 
 
@@ -180,14 +185,15 @@ def grad_jobs(sizes: dict) -> list[Job]:
 
     jobs = []
     for c in GRAD:
-        for dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
-            modes = _modes(dt, "fp32", kept=True)
+        for dt, lora_dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
+            modes = _modes(dt, lora_dt, kept=True)
             meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
                         G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
                         D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)  # fmt: skip
-            variant = f"dropout {dt}, fp32 A/B, r<={r}"
-            jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, _grad_args(dt, sizes, r), meta,
-                            c.num_warps, c.num_stages, False, archs))  # fmt: skip
+            variant = f"dropout {dt}, {lora_dt} A/B, r<={r}"
+            args = {**_grad_args(dt, sizes, r), "b_ptr": "*" + lora_dt}
+            jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, args, meta,
+                            c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
     return jobs
 
 

@@ -24,60 +24,44 @@ the environment variable ``FUSED_LORA_IMPL``, then ``auto``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import os
 from collections.abc import Iterator
 
 import torch
 
+from .setting import Setting
+
 IMPLS = ("auto", "fused", "hybrid")
 ENV_VAR = "FUSED_LORA_IMPL"
-
-_process: str | None = None
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_lora_impl", default=None)
-
-
-def _check(name: str, where: str) -> str:
-    if not isinstance(name, str) or name not in IMPLS:
-        raise ValueError(f"{where} must be one of {IMPLS}, got {name!r}")
-    return name
+_SETTING = Setting("impl", IMPLS, ENV_VAR)
 
 
 def set_impl(name: str | None) -> None:
     """Force an implementation for this process ('auto', 'fused', 'hybrid'); None returns to the
     environment variable / auto."""
-    global _process
-    _process = None if name is None else _check(name, "impl")
+    _SETTING.set(name)
 
 
 def get_impl() -> str:
     """The configured implementation name (before 'auto' is resolved for a problem)."""
-    scoped = _scoped.get()
-    if scoped is not None:
-        return scoped
-    if _process is not None:
-        return _process
-    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return _SETTING.get()
 
 
 @contextlib.contextmanager
 def use_impl(name: str) -> Iterator[None]:
     """``with use_impl("hybrid"): ...`` runs the block (in this thread / task only) with that implementation."""
-    token = _scoped.set(_check(name, "impl"))
-    try:
+    with _SETTING.use(name):
         yield
-    finally:
-        _scoped.reset(token)
 
 
-def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool) -> torch.Tensor:
-    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem."""
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None) -> torch.Tensor:
+    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem (`groups`: see
+    kernels.lora_gemm)."""
 
     def fused():
-        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic)
+        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
 
     def hybrid():
-        c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias)
+        c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias, groups=groups)
         return c.addmm_(x2, weight.t())
 
     M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]

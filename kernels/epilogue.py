@@ -25,29 +25,32 @@ from .precision import lora_dot
 
 # fmt: off
 @triton.jit
-def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, stride_lr, stride_rr, stride_rn,
                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, TMA: tl.constexpr,
                  R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr):
     # fmt: on
-    """acc [BLOCK_M, WIDTH] + L[off_m : off_m + BLOCK_M, :R] · R[:R, off_n : off_n + WIDTH].
+    """acc [BLOCK_M, WIDTH] + L[off_m : off_m + BLOCK_M, r_lo:r_hi] · R[r_lo:r_hi, off_n : off_n + WIDTH].
 
-    TMA: l_src / r_src are descriptors (R as [N, R] when R_NR, else [R, N]); otherwise pointers."""
+    TMA: l_src / r_src are descriptors (R as [N, R] when R_NR, else [R, N]); otherwise pointers. A TMA
+    slice may read rank columns past r_hi (up to the next R_CHUNK boundary): they hold L's zero padding
+    or the rank columns of another group, where this tile's rows of R are zero."""
     if TMA:
-        for c in range(0, tl.cdiv(R, R_CHUNK)):
-            lt = l_src.load([off_m, c * R_CHUNK])
+        for c in range(r_lo, r_hi, R_CHUNK):
+            lt = l_src.load([off_m, c])
             if R_NR:
-                rt = r_src.load([off_n, c * R_CHUNK]).T
+                rt = r_src.load([off_n, c]).T
             else:
-                rt = r_src.load([c * R_CHUNK, off_n])
+                rt = r_src.load([c, off_n])
             acc = lora_dot(lt, rt, acc, LORA_MODE, LORA_DTYPE)
     else:
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, WIDTH)
-        offs_c = tl.arange(0, R_CHUNK)
+        offs_c = r_lo + tl.arange(0, R_CHUNK)
         l_ptrs = l_src + offs_m[:, None].to(tl.int64) * stride_lm + offs_c[None, :] * stride_lr
         r_ptrs = r_src + offs_c[:, None] * stride_rr + offs_n[None, :].to(tl.int64) * stride_rn
-        for c in range(0, tl.cdiv(R, R_CHUNK)):
-            r_left = R - c * R_CHUNK
+        offs_c = tl.arange(0, R_CHUNK)
+        for c in range(r_lo, r_hi, R_CHUNK):
+            r_left = r_hi - c
             lt = tl.load(l_ptrs, mask=(offs_m[:, None] < M) & (offs_c[None, :] < r_left), other=0.0)
             rt = tl.load(r_ptrs, mask=(offs_c[:, None] < r_left) & (offs_n[None, :] < N), other=0.0)
             acc = lora_dot(lt, rt, acc, LORA_MODE, LORA_DTYPE)
@@ -68,7 +71,7 @@ def finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, thresho
     product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store."""
     if DROPOUT:
         low = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
-        low = add_low_rank(low, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+        low = add_low_rank(low, l_src, r_src, off_m, off_n, M, N, 0, R, stride_lm, stride_lr, stride_rr, stride_rn,
                            WIDTH, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
         keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
         acc = acc + low * keep.to(tl.float32)  # a product, as torch's dropout backward: NaN stays NaN
@@ -84,6 +87,28 @@ def finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, thresho
         tl.store(ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# fmt: off
+@triton.jit
+def epilogue_operands(l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
+                      TMA: tl.constexpr, R_NR: tl.constexpr, DROPOUT: tl.constexpr):
+    # fmt: on
+    """(L, R, out) as the epilogue reads and writes them: TMA descriptors (made once per program; R as
+    its [N, r] transpose when R_NR, R's slices one epilogue slice wide with dropout) or the pointers."""
+    if TMA:
+        W: tl.constexpr = BLOCK_N // SUBTILES
+        RW: tl.constexpr = W if DROPOUT else BLOCK_N  # columns of R one epilogue product reads
+        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
+        if R_NR:
+            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
+        else:
+            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
+        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
+        return l_src, r_src, o_dst
+    else:
+        return l_ptr, r_ptr, out_ptr
+
+
 @triton.jit
 def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS] -> its left and right [ROWS, COLS // 2] halves (registers only)."""
@@ -92,17 +117,26 @@ def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 # fmt: off
 @triton.jit
-def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
+def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
                 M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
                 TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
-                DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, OUT_DTYPE: tl.constexpr):
     # fmt: on
     """The whole epilogue of one [BLOCK_M, BLOCK_N] tile: the low-rank term (in the accumulator without
-    dropout; per slice with it), bias, and the store in SUBTILES slices (1, 2 or 4)."""
+    dropout; per slice with it), bias, and the store in SUBTILES slices (1, 2 or 4).
+
+    HAS_GROUPS (MergedLinear, fused q/k/v): output columns come in groups of `group_n`; group q uses rank
+    columns groups[q] .. groups[q + 1] of L (none for a disabled group), so the tile multiplies only the
+    rank columns of the groups its columns touch (a tile may straddle two groups)."""
     if not DROPOUT:
-        acc = add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                           BLOCK_N, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
+        r_lo = 0
+        r_hi = R
+        if HAS_GROUPS:
+            r_lo = tl.load(groups_ptr + off_n // group_n)
+            r_hi = tl.load(groups_ptr + (tl.minimum(off_n + BLOCK_N, N) - 1) // group_n + 1)
+        acc = add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, stride_lr, stride_rr,
+                           stride_rn, BLOCK_N, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
     W: tl.constexpr = BLOCK_N // SUBTILES
     if SUBTILES == 1:
         finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,

@@ -32,7 +32,7 @@ from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold
-from .epilogue import finish_tile
+from .epilogue import epilogue_operands, finish_tile
 from .precision import lora_mode, main_precision
 from .utils import (
     bucket,
@@ -58,10 +58,11 @@ def _lora_gemm_kernel(
     # strides
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_bias,
-    # dropout: round(p·2^16)
-    threshold,
+    # dropout: round(p·2^16); groups (MergedLinear): columns per group, rank-column bounds per group
+    threshold, group_n, groups_ptr,
     # meta-parameters: variant
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, TMA: tl.constexpr, Q_NK: tl.constexpr, R_NR: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, R_CHUNK: tl.constexpr,
     # meta-parameters: configuration
@@ -72,23 +73,16 @@ def _lora_gemm_kernel(
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     seed = tl.load(seed_ptr) if DROPOUT else 0
-    W: tl.constexpr = BLOCK_N // SUBTILES
-    RW: tl.constexpr = W if DROPOUT else BLOCK_N  # columns of R one epilogue product reads
-    if TMA:
-        # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ); R_NR: R of an [N, r] one (Bᵀ).
+    if TMA:  # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ)
         p_src = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
         if Q_NK:
             q_src = tl.make_tensor_descriptor(q_ptr, [N, K], [stride_qn, 1], [BLOCK_N, BLOCK_K])
         else:
             q_src = tl.make_tensor_descriptor(q_ptr, [K, N], [stride_qk, 1], [BLOCK_K, BLOCK_N])
-        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
-        if R_NR:
-            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
-        else:
-            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
-        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
-    else:
-        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
+    l_src, r_src, o_dst = epilogue_operands(
+        l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+        BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, DROPOUT,
+    )  # fmt: skip
 
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=TMA):
         pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -116,10 +110,10 @@ def _lora_gemm_kernel(
                 acc = tl.dot(a, b, acc, input_precision=MAIN_PRECISION)
                 p_ptrs += BLOCK_K * stride_pk
                 q_ptrs += BLOCK_K * stride_qk
-        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
-                    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
+                    M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                     BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
-                    out_ptr.dtype.element_ty)  # fmt: skip
+                    HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
 
 
 def tma_path(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> bool:
@@ -154,6 +148,7 @@ def lora_gemm(
     out: torch.Tensor | None = None,
     deterministic: bool = False,
     lora_dtype: torch.dtype | None = None,
+    groups: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out [M, N] = p·q + mask⊙(l·r) + bias, in one persistent kernel.
 
@@ -162,7 +157,9 @@ def lora_gemm(
     of shape [M, N] under `seed` to the low-rank term (the dX case). Any strides. `deterministic` runs
     one fixed configuration (the same summation order in every run); otherwise the configuration is
     timed on first use of the problem (:mod:`kernels.tuning`). `lora_dtype`: the adapters' dtype when r
-    was cast or copied from them (default r's).
+    was cast or copied from them (default r's). `groups` = (group_n, bounds) for grouped adapters
+    (MergedLinear): output column n belongs to group q = n // group_n, whose rank columns are
+    bounds[q] .. bounds[q + 1] (int32 [groups + 1] on the device; r must be zero outside them).
     """
     M, K = p.shape
     N = q.shape[1]
@@ -186,7 +183,8 @@ def lora_gemm(
     arch, e = device_arch(p), p.element_size()
     mode, mode_dtype = lora_mode(p.dtype, lora_dtype, kept=False)
     variant = dict(
-        HAS_BIAS=bias is not None, DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype,
+        HAS_BIAS=bias is not None, DROPOUT=dropout, HAS_GROUPS=groups is not None, LORA_MODE=mode,
+        LORA_DTYPE=mode_dtype,
         MAIN_PRECISION=main_precision(p.dtype), TMA=tma, Q_NK=q_nk, R_NR=r_nr,
         NUM_PROGRAMS=num_programs(p.device), R_CHUNK=R_CHUNK,
     )  # fmt: skip
@@ -195,7 +193,7 @@ def lora_gemm(
         M, N, K, R,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        drop_threshold(dropout_p),
+        drop_threshold(dropout_p), groups[0] if groups else 1, groups[1] if groups else out,
     )  # fmt: skip
 
     def run(c: GemmConfig) -> torch.Tensor:
@@ -208,6 +206,7 @@ def lora_gemm(
         return run(deterministic_entry("gemm", e, R, arch, dropout, tma))
     configs = {config_name(c): c for c in admitted(gemm_table(), keep_gemm, e, dropout, arch, tma)}
     key = (str(p.dtype), str(lora_dtype), bucket(M), N, K, rank_pad(R), dropout, bias is not None, tma, q_nk)
+    key += (groups is not None,)
     chosen = tuning.table("gemm").pick(key, list(configs), lambda n: (lambda: run(configs[n])), p.device)
     return run(configs[chosen])
 

@@ -173,11 +173,9 @@ def lora_grad(
         if deterministic:  # one partial-sum slice per row band, summed below in a fixed order
             db = torch.empty((bands, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
             da = torch.empty((bands, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
-        else:  # atomics: one zeroed buffer (one memset), owned by this call, holds both accumulators
-            db_shape, da_shape = (1, N, R) if need_dB else (1, 1, 1), (1, R, K) if need_dA else (1, 1, 1)
-            n_db = db_shape[1] * db_shape[2]
-            acc = torch.zeros(n_db + da_shape[1] * da_shape[2], dtype=torch.float32, device=dev)
-            db, da = acc[:n_db].view(db_shape), acc[n_db:].view(da_shape)
+        else:  # atomics into zeroed buffers owned by this call (separate: returned tensors never alias)
+            db = torch.zeros((1, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+            da = torch.zeros((1, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
         g = row_padded(M, R, dev) if need_g else xa
         # fmt: off
         launch(

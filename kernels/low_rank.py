@@ -22,7 +22,7 @@ from .configs import R_CHUNK, GemmConfig, admitted, device_arch, gemm_table, kee
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold
-from .epilogue import finish_tile
+from .epilogue import epilogue_operands, finish_tile
 from .lora_gemm import tma_operand
 from .precision import lora_mode
 from .utils import bucket, check_interpretable, launch, rank_pad, tile_coords, tma_compatible
@@ -37,10 +37,11 @@ def _low_rank_kernel(
     M, N, R,
     # strides
     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-    # dropout: round(p·2^16)
-    threshold,
+    # dropout: round(p·2^16); groups (MergedLinear): columns per group, rank-column bounds per group
+    threshold, group_n, groups_ptr,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     TMA: tl.constexpr, R_NR: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILES: tl.constexpr,
@@ -48,22 +49,15 @@ def _low_rank_kernel(
     # fmt: on
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     seed = tl.load(seed_ptr) if DROPOUT else 0
-    W: tl.constexpr = BLOCK_N // SUBTILES
-    RW: tl.constexpr = W if DROPOUT else BLOCK_N
-    if TMA:
-        l_src = tl.make_tensor_descriptor(l_ptr, [M, R], [stride_lm, 1], [BLOCK_M, R_CHUNK])
-        if R_NR:
-            r_src = tl.make_tensor_descriptor(r_ptr, [N, R], [stride_rn, 1], [RW, R_CHUNK])
-        else:
-            r_src = tl.make_tensor_descriptor(r_ptr, [R, N], [stride_rr, 1], [R_CHUNK, RW])
-        o_dst = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, W])
-    else:
-        l_src, r_src, o_dst = l_ptr, r_ptr, out_ptr
+    l_src, r_src, o_dst = epilogue_operands(
+        l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
+        BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, DROPOUT,
+    )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
-                stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+    finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr,
+                group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
-                out_ptr.dtype.element_ty)  # fmt: skip
+                HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
 
 
 def low_rank(
@@ -75,9 +69,11 @@ def low_rank(
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
     lora_dtype: torch.dtype | None = None,
+    groups: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """mask⊙(l·r) + bias as a new [M, N] tensor in `out_dtype`, for l [M, r] fp32 (scaled already) and
-    r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0."""
+    r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0; `groups` as
+    for :func:`kernels.lora_gemm.lora_gemm`."""
     M, R = l.shape
     N = r.shape[1]
     check_interpretable(r)
@@ -93,15 +89,15 @@ def low_rank(
         r, r_nr = tma_operand(r)
     mode, mode_dtype = lora_mode(out_dtype, lora_dtype, kept=False)
     variant = dict(
-        HAS_BIAS=bias is not None, DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype, TMA=tma, R_NR=r_nr,
-        R_CHUNK=R_CHUNK,
+        HAS_BIAS=bias is not None, DROPOUT=dropout, HAS_GROUPS=groups is not None, LORA_MODE=mode,
+        LORA_DTYPE=mode_dtype, TMA=tma, R_NR=r_nr, R_CHUNK=R_CHUNK,
     )  # fmt: skip
     args = (
         l, r, bias if bias is not None else out, out, seed if dropout else out,
         M, N, R,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
         bias.stride(0) if bias is not None else 0,
-        drop_threshold(dropout_p),
+        drop_threshold(dropout_p), groups[0] if groups else 1, groups[1] if groups else out,
     )  # fmt: skip
 
     def run(c: GemmConfig) -> torch.Tensor:
@@ -111,6 +107,6 @@ def low_rank(
 
     e = torch.empty((), dtype=out_dtype).element_size()
     configs = {config_name(c): c for c in admitted(gemm_table(low_rank=True), keep_gemm, e, dropout, arch, tma)}
-    key = (str(out_dtype), str(lora_dtype), bucket(M), N, rank_pad(R), dropout, bias is not None, tma)
+    key = (str(out_dtype), str(lora_dtype), bucket(M), N, rank_pad(R), dropout, bias is not None, tma, bool(groups))
     chosen = tuning.table("low_rank").pick(key, list(configs), lambda n: (lambda: run(configs[n])), l.device)
     return run(configs[chosen])

@@ -82,3 +82,56 @@ def test_runs_on_the_inputs_device():
     assert y.device == torch.device("cuda:1")
     with fused_lora.use_backend("reference"):
         torch.testing.assert_close(y, layer(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "hybrid"])
+@pytest.mark.parametrize("path", ["tma", "pointer"])
+@pytest.mark.parametrize("dtypes", BF16, ids=["bf16", "bf16+fp32A"])
+def test_every_implementation_and_path_at_a_realistic_size(implementation, path, dtypes):
+    """Both implementations, both tile-loading paths, bf16, through the tuner: 1000 x 1536 -> 1048."""
+    from fused_lora.kernels import tuning
+
+    x, w, a, b, bb = lora_inputs(0, 1536, 1048, 16, *dtypes, device="cuda", lead=(4, 250))
+    with fused_lora.use_impl(implementation), tuning.force("gemm_path", path):
+        check_parity(x, w, a, b, bb, 2.0, 0.1)
+
+
+def test_hopper_runs_the_tma_path():
+    from fused_lora.kernels.lora_gemm import tma_path
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper GPU")
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
+    assert tma_path(x, w.t(), torch.empty(256, 384, device="cuda", dtype=torch.bfloat16))
+
+
+def test_auto_times_both_implementations_once(tmp_path, monkeypatch):
+    from fused_lora.kernels import tuning
+
+    monkeypatch.setenv("FUSED_LORA_CACHE_DIR", str(tmp_path))
+    tuning.reset_caches()
+    layer = LoRALinear(1024, 768, r=16, lora_alpha=16, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fused_lora.use_impl("auto"):
+        layer(x).sum().backward()
+    timed = [k for k in tuning.timings() if k[0] == "impl"]
+    assert len(timed) == 2  # forward and backward, each timed once
+    assert all(set(t) == {"fused", "hybrid"} for t in (tuning.timings()[k] for k in timed))
+    assert list(tmp_path.glob("choices-*.json"))
+    tuning.reset_caches()
+
+
+def test_compile_reduce_overhead_cuda_graphs():
+    """torch.compile(mode="reduce-overhead") captures the fused layers in CUDA graphs and replays them;
+    dropout draws its seed on the device (no host sync), so the graph is valid."""
+    torch._dynamo.reset()
+    layer = LoRALinear(256, 192, r=8, lora_alpha=16, lora_dropout=0.1, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):  # warm-up runs, then recorded and replayed graphs
+        y = compiled(x)
+        y.float().sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and torch.isfinite(layer.lora_A.grad).all()
