@@ -4,6 +4,8 @@
 
 - :func:`lora_linear` — the functional form (an autograd Function over the kernels).
 - :class:`LoRALinear` — a drop-in for loralib's ``lora.Linear``.
+- :class:`Embedding`, :class:`Conv1d` / :class:`Conv2d` / :class:`Conv3d` — drop-ins for loralib's
+  (the embedding's lookup and low-rank term in one kernel; :func:`lora_embedding` its functional form).
 - :mod:`fused_lora.reference` — the same math in plain PyTorch (the spec, and the CPU path).
 - :func:`set_backend` / :func:`use_backend` — 'auto' | 'triton' | 'reference' (or FUSED_LORA_BACKEND).
 - :func:`set_impl` / :func:`use_impl` — 'auto' | 'fused' | 'hybrid' (or FUSED_LORA_IMPL): the fused GEMM or
@@ -14,6 +16,8 @@
 """
 
 from .backend import get_backend, set_backend, use_backend
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding, IndexOutOfRangeError, lora_embedding
 from .function import LoRALinearFunction, lora_linear
 from .impl import get_impl, set_impl, use_impl
 from .integrations import (
@@ -34,6 +38,11 @@ from .layer import LoRALinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "IndexOutOfRangeError",
     "InjectReport",
     "LoRALinear",
     "LoRALinearFunction",
@@ -43,6 +52,7 @@ __all__ = [
     "get_impl",
     "inject_lora",
     "load_adapter",
+    "lora_embedding",
     "lora_linear",
     "lora_state_dict",
     "mark_only_lora_as_trainable",

@@ -205,3 +205,101 @@ def mask_jobs(sizes: dict) -> list[Job]:
 
 def all_jobs(sizes: dict) -> list[Job]:
     return gemm_jobs(sizes) + low_rank_jobs(sizes) + shrink_jobs(sizes) + grad_jobs(sizes) + mask_jobs(sizes)
+
+
+# ======================================================================================================
+# Embedding (issue 9: fused_lora.Embedding). Appended block: kernels/embedding.py at a Llama-3-size
+# table (128256 x 4096), 8192 tokens; every shipped configuration in each variant it can meet.
+# ======================================================================================================
+
+EMBEDDING_SIZES = {"T": 8192, "V": 128256, "D": 4096}
+# (label, table dtype, adapter dtype, R_PAD) — 256 runs the forward's rank-slice loop.
+EMBEDDING_FWD_VARIANTS = (
+    ("bf16 W, fp32 A/B, r<=64", "bf16", "fp32", 64),
+    ("bf16 W, fp32 A/B, r=256 (4 slices)", "bf16", "fp32", 256),
+    ("bf16 W/A/B, r<=64", "bf16", "bf16", 64),
+    ("fp32 (tf32x3), r<=16", "fp32", "fp32", 16),
+    ("fp32 (tf32x3), r=256 (16 slices)", "fp32", "fp32", 256),
+)
+# (label, dY dtype, deterministic, scale_grad_by_freq), fp32 adapters (TF32x3 products). Deterministic
+# variants only for the entry deterministic mode launches (the first admitted, kernels.embedding).
+EMBEDDING_BWD_VARIANTS = (
+    ("bf16 dY, fp32 A/B, atomics", "bf16", False, False),
+    ("bf16 dY, fp32 A/B, deterministic", "bf16", True, False),
+    ("fp32 (tf32x3), atomics, scale_grad_by_freq", "fp32", False, True),
+    ("fp32 (tf32x3), deterministic, scale_grad_by_freq", "fp32", True, True),
+)
+
+
+def _embedding_fwd_args(dt: str, lora_dt: str, r: int) -> dict:
+    T, V, D = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"], EMBEDDING_SIZES["D"]
+    return dict(idx_ptr="*i64", w_ptr="*" + dt, a_ptr="*" + lora_dt, b_ptr="*" + lora_dt, y_ptr="*" + dt,
+                T=T, V=V, D=D, R=r, stride_wv=D, stride_wd=1, stride_ar=V, stride_av=1,
+                stride_bd=r, stride_br=1, stride_yt=D, stride_yd=1, scale="fp32")  # fmt: skip
+
+
+def _embedding_bwd_args(dt: str, r: int) -> dict:
+    T, V, D = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"], EMBEDDING_SIZES["D"]
+    return dict(dy_ptr="*" + dt, idx_ptr="*i64", a_ptr="*fp32", b_ptr="*fp32", cnt_ptr="*i64", db_ptr="*fp32",
+                da_ptr="*fp32", g_ptr="*fp32", T=T, V=V, D=D, R=r, padding_idx="i32",
+                stride_dyt=D, stride_dyd=1, stride_ar=V, stride_av=1, stride_bd=r, stride_br=1,
+                stride_dbp=D * r, stride_dbd=r, stride_dbr=1, stride_dar=V, stride_dav=1, stride_gt=r, stride_gr=1,
+                scale="fp32")  # fmt: skip
+
+
+def _embedding_fwd_modes(dt: str, lora_dt: str) -> dict:
+    """kernels.embedding._forward_mode: native for equal 16-bit dtypes, else as the GEMM epilogue."""
+    return _modes(dt, lora_dt, kept=dt == lora_dt)
+
+
+def embedding_jobs(sizes: dict | None = None) -> list[Job]:
+    from fused_lora.kernels.configs import (
+        EMBEDDING_BWD,
+        EMBEDDING_FWD,
+        EMBEDDING_R_BLOCK,
+        EMBEDDING_R_CHUNK,
+        admitted,
+        keep_embedding,
+    )
+
+    jobs = []
+    for c in EMBEDDING_FWD:
+        for label, dt, lora_dt, r_pad in EMBEDDING_FWD_VARIANTS:
+            archs = _admitted(keep_embedding, c, BYTES[dt], r_pad)
+            if archs:
+                meta = dict(R_PAD=r_pad, R_CHUNK=min(r_pad, EMBEDDING_R_CHUNK[BYTES[dt]]),
+                            **_embedding_fwd_modes(dt, lora_dt), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D,
+                            SPLIT_D=c.SPLIT_D)  # fmt: skip
+                args = _embedding_fwd_args(dt, lora_dt, r_pad)
+                jobs.append(Job("_lora_embedding_fwd_kernel", "embedding", _cfg_name(c), label, args, meta,
+                                c.num_warps, c.num_stages, False, archs))  # fmt: skip
+    for c in EMBEDDING_BWD:
+        for label, dt, det, freq in EMBEDDING_BWD_VARIANTS:
+            r_block = EMBEDDING_R_BLOCK[BYTES[dt]]
+            archs = _admitted(keep_embedding, c, BYTES[dt], r_block)
+            if det:
+                first = {a: admitted(EMBEDDING_BWD, keep_embedding, BYTES[dt], r_block, a)[0] for a in archs}
+                archs = tuple(a for a in archs if first[a] is c)
+            if archs:
+                meta = dict(R_BLOCK=r_block, COMPUTE_DA=True, COMPUTE_DB=True, SCALE_FREQ=freq, DETERMINISTIC=det,
+                            **_modes(dt, "fp32", kept=True), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D)  # fmt: skip
+                args = _embedding_bwd_args(dt, r_block)
+                jobs.append(Job("_lora_embedding_bwd_kernel", "embedding", _cfg_name(c), f"{label}, r<={r_block}",
+                                args, meta, c.num_warps, c.num_stages, False, archs))  # fmt: skip
+    T, V = EMBEDDING_SIZES["T"], EMBEDDING_SIZES["V"]
+    for r_block in sorted(set(EMBEDDING_R_BLOCK.values())):
+        for block_t in sorted({c.BLOCK_T for c in EMBEDDING_BWD}):
+            args = dict(sorted_ptr="*i64", perm_ptr="*i64", g_ptr="*fp32", da_ptr="*fp32", T=T, R=r_block,
+                        stride_gt=r_block, stride_gr=1, stride_dar=V, stride_dav=1)  # fmt: skip
+            jobs.append(Job("_embedding_da_segments_kernel", "embedding", f"{block_t} w4",
+                            f"deterministic dA, r<={r_block}", args, dict(R_BLOCK=r_block, BLOCK_T=block_t), 4, 1,
+                            False))  # fmt: skip
+    return jobs
+
+
+_all_jobs_before_embedding = all_jobs
+
+
+def all_jobs(sizes: dict) -> list[Job]:
+    """Every job above, the embedding's included (this block only appends to the file)."""
+    return _all_jobs_before_embedding(sizes) + embedding_jobs(sizes)

@@ -231,3 +231,86 @@ def device_arch(t) -> int:
     if t.device.type != "cuda":
         return 90
     return 90 if torch.cuda.get_device_capability(t.device)[0] >= 9 else 80
+
+
+# ======================================================================================================
+# Embedding (issue 9: fused_lora.Embedding). Appended block: the kernels live in kernels/embedding.py.
+# ======================================================================================================
+
+
+class EmbeddingConfig(NamedTuple):
+    """Forward: y = W[idx] + s·A[:, idx]ᵀ·Bᵀ, memory-bound (one gathered read of W's rows, one write)."""
+
+    BLOCK_T: int  # tokens per program
+    BLOCK_D: int  # embedding columns per tile (streamed along D)
+    SPLIT_D: int  # programs sharing one token band's D tiles (keeps the GPU full with few tokens)
+    num_warps: int
+    num_stages: int
+    max_rank_16: int  # largest padded rank R_PAD it serves with 16-bit tables (measured: no spills)
+    max_rank_32: int  # ... with fp32 tables (0: never)
+
+
+class EmbeddingGradConfig(NamedTuple):
+    """Backward: g = dY·B and dB = s·dYᵀ·A[:, idx]ᵀ from one pass over dY, then dA scattered by index."""
+
+    BLOCK_T: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+    max_rank_16: int  # largest R_BLOCK it serves with 16-bit dY (measured: no spills)
+    max_rank_32: int  # ... with fp32 dY (0: never)
+
+
+# The rank caps were measured with compile_check (sm_80 and sm_90a: zero spills).
+EMBEDDING_FWD = [
+    EmbeddingConfig(32, 128, 1, 4, 2, 64, 256),
+    EmbeddingConfig(64, 128, 1, 4, 2, 64, 0),
+    EmbeddingConfig(16, 256, 1, 4, 2, 256, 256),
+    EmbeddingConfig(16, 128, 4, 4, 2, 256, 256),
+    EmbeddingConfig(32, 256, 2, 8, 2, 256, 256),
+]
+# The first admitted entry is the one deterministic mode launches; its per-band stores spilled on sm_80
+# with 32-token bands (bf16 dY) and with 64x64 w8 for fp32 dY (TF32x3), so 64x64 w8 comes first and
+# serves 16-bit dY only, 32x64 w8 second (fp32 dY's entry). Every other variant of these is clean.
+EMBEDDING_BWD = [
+    EmbeddingGradConfig(64, 64, 8, 2, 64, 0),
+    EmbeddingGradConfig(32, 64, 8, 2, 64, 16),
+    EmbeddingGradConfig(64, 64, 4, 2, 64, 0),
+    EmbeddingGradConfig(32, 64, 4, 2, 64, 16),
+]
+EMBEDDING_FWD_INTERPRET = [EmbeddingConfig(16, 32, 2, 4, 1, 256, 256), EmbeddingConfig(32, 16, 1, 4, 1, 256, 256)]
+EMBEDDING_BWD_INTERPRET = [EmbeddingGradConfig(16, 32, 4, 1, 256, 256), EmbeddingGradConfig(32, 16, 4, 1, 256, 256)]
+
+# Rank columns one program handles at a time, by table element size. Forward: the low-rank term is
+# added in rank slices of this width (one slice: the tokens' A columns are gathered once per program;
+# more: re-gathered per D tile). Backward: larger ranks split across programs, each re-reading its dY
+# band. fp32 tables run TF32x3 (every operand split in two), hence the narrower slices (wider ones
+# spilled, measured by compile_check). 16 under the interpreter, so that small tests cover both paths.
+EMBEDDING_R_CHUNK = {2: 64, 4: 16}
+EMBEDDING_R_BLOCK = {2: 64, 4: 16}
+EMBEDDING_R_INTERPRET = 16
+
+
+def embedding_r_chunk(r_pad: int, elem_bytes: int) -> int:
+    return min(r_pad, EMBEDDING_R_INTERPRET if interpreting() else EMBEDDING_R_CHUNK[elem_bytes])
+
+
+def embedding_r_block(r_pad: int, elem_bytes: int) -> int:
+    return min(r_pad, EMBEDDING_R_INTERPRET if interpreting() else EMBEDDING_R_BLOCK[elem_bytes])
+
+
+def keep_embedding(c: EmbeddingConfig | EmbeddingGradConfig, elem_bytes: int, r: int, arch: int) -> bool:
+    """`r` (R_PAD in the forward, R_BLOCK in the backward) within the measured cap; pipelined tiles (a
+    [BLOCK_T, BLOCK_D] table tile and a [BLOCK_D, rank slice] fp32 adapter tile per stage) within shared
+    memory."""
+    if r > (c.max_rank_16 if elem_bytes == 2 else c.max_rank_32):
+        return False
+    cols = min(r, EMBEDDING_R_CHUNK[elem_bytes])
+    return c.num_stages * c.BLOCK_D * (c.BLOCK_T * elem_bytes + cols * 4) <= SMEM_LIMIT[arch] - SMEM_MARGIN
+
+
+def embedding_table(kind: str) -> list:
+    """The forward ("fwd") or backward ("bwd") embedding configurations (small ones under the interpreter)."""
+    if kind == "fwd":
+        return EMBEDDING_FWD_INTERPRET if interpreting() else EMBEDDING_FWD
+    return EMBEDDING_BWD_INTERPRET if interpreting() else EMBEDDING_BWD

@@ -205,9 +205,12 @@ def test_unservable_layers_are_reported(device, caplog):
     dora = peft_model(device, target_modules=["q_proj"], use_dora=True)
     with caplog.at_level(logging.INFO, logger="fused_lora"):
         report = fused_lora.patch_peft_model(model)
-    assert len(report.patched) == 4
-    assert list(report.not_patched.values()) == ["Embedding layer"]
-    assert "left on PEFT's forward (1 x Embedding layer)" in caplog.text
+    assert len(report.patched) == 5 and "base_model.model.model.embed_tokens" in report.patched  # lora.Embedding too
+    assert "5 PEFT LoRA layers patched, 0 already patched, 0 left on PEFT's forward (none)" in caplog.text
+    emb = peft_model(device, target_modules=["embed_tokens"])
+    emb.base_model.model.model.embed_tokens.base_layer.sparse = True
+    report = fused_lora.patch_peft_model(emb)
+    assert report.not_patched == {"base_model.model.model.embed_tokens": "sparse embedding"}
     report = fused_lora.patch_peft_model(dora)
     assert not report.patched and set(report.not_patched.values()) == {"DoRA / LoRA variant"}
     hooked = peft_model(device, target_modules=["q_proj"])

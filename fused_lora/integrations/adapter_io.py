@@ -1,67 +1,136 @@
-"""PEFT's adapter files, read and written from plain models with LoRALinear layers.
+"""PEFT's adapter files, read and written from plain models with fused_lora's LoRA layers.
 
     save_adapter(model, "out/")   # adapter_config.json + adapter_model.safetensors, PEFT's key names
-    load_adapter(model, "out/")   # injects LoRALinear where the file has adapters (if not yet), then loads
+    load_adapter(model, "out/")   # injects LoRA layers where the file has adapters (if not yet), then loads
 
-Keys are ``base_model.model.<module name>.lora_A.weight`` / ``.lora_B.weight``, as
-``PeftModel.save_pretrained`` writes them, so an adapter saved here loads with
-``PeftModel.from_pretrained`` on the same base model and gives the same outputs, and the reverse.
-Per-module ranks and alphas go through PEFT's ``rank_pattern`` / ``alpha_pattern``.
+Keys are PEFT's, as ``PeftModel.save_pretrained`` writes them, so an adapter saved here loads with
+``PeftModel.from_pretrained`` on the same base model and gives the same outputs, and the reverse:
+
+    LoRALinear        base_model.model.<name>.lora_A.weight [r, in]          .lora_B.weight [out, r]
+    Embedding         base_model.model.<name>.lora_embedding_A [r, V]        .lora_embedding_B [D, r]
+    Conv1d/2d/3d      base_model.model.<name>.lora_A.weight [r', in, k, …]   .lora_B.weight [out, r', 1, …]
+
+Embeddings' factors are PEFT's as they are. Convolutions are converted exactly between loralib's
+factorisation and PEFT's (``peft_conv``): PEFT's rank r' is ours, or r·k² when our B no longer has the
+form a PEFT adapter loads into; each direction reproduces the other's delta, and a file written here
+loads back with the rank it was saved from. Only convolutions PEFT adapts the same way are converted:
+groups = 1, dilation 1, padding_mode "zeros" (PEFT's lora_A convolution ignores the others); anything
+else is a ValueError. Per-module ranks and alphas go through ``rank_pattern`` / ``alpha_pattern``, alphas
+converted so that every module keeps its scaling under the config's one ``use_rslora``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..layer import LoRALinear
-from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module
+from ..conv import _ConvLoRA, check_kernel_size
+from ..embedding import Embedding
+from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module, wrap_module
+from .peft_conv import conv_from_peft, conv_to_peft
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 UNSUPPORTED = {"use_dora": True, "lora_bias": True}
+_KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.(?:lora_([AB])\.weight|lora_embedding_([AB]))")
 
 
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
+def _number(x: float):
+    return int(x) if float(x).is_integer() else x
+
+
+def rescale_alpha(alpha: float, r_from: int, rslora_from: bool, r_to: int, rslora_to: bool):
+    """The lora_alpha that gives rank `r_to` (scaling alpha/r, or alpha/√r with rsLoRA) the scaling that
+    `alpha` gives rank `r_from`; exact when the ranks' ratio allows it (e.g. k² for a convolution)."""
+    if rslora_from == rslora_to:
+        ratio = Fraction(r_to, r_from)
+        num, den = ratio.numerator, ratio.denominator
+        if rslora_to:
+            rn, rd = math.isqrt(num), math.isqrt(den)
+            if rn * rn != num or rd * rd != den:
+                return alpha * math.sqrt(r_to / r_from)
+            num, den = rn, rd
+        return _number(alpha * num / den)
+    den_from = math.sqrt(r_from) if rslora_from else r_from
+    return alpha / den_from * (math.sqrt(r_to) if rslora_to else r_to)
+
+
+def _check_conv(name: str, conv: nn.Module) -> int:
+    """The kernel size of a convolution PEFT adapts as we do (see the module docstring)."""
+    k = check_kernel_size(conv.kernel_size, conv.weight.dim() - 2, f"{name}: kernel_size")
+    bad = {"groups": conv.groups != 1, "dilation": any(d != 1 for d in conv.dilation),
+           "padding_mode": conv.padding_mode != "zeros"}  # fmt: skip
+    if any(bad.values()):
+        what = ", ".join(f"{key}={getattr(conv, key)!r}" for key, b in bad.items() if b)
+        raise ValueError(
+            f"{name}: PEFT's LoRA convolution cannot express this layer's delta ({what}: PEFT adapts only "
+            f"groups=1, dilation 1, padding_mode 'zeros' the same way)"
+        )
+    return k
+
+
+def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], float | None]:
+    """(PEFT rank, {key suffix: tensor}, dropout or None) for one of our layers."""
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    if isinstance(layer, Embedding):
+        return layer.r, {"lora_embedding_A": a, "lora_embedding_B": b}, None
+    if isinstance(layer, _ConvLoRA):
+        conv = layer.conv
+        k = _check_conv(name, conv)
+        a_p, b_p = conv_to_peft(a, b, conv.out_channels, k)
+        ones = (1,) * (conv.weight.dim() - 2)
+        a_p = a_p.reshape(a_p.shape[0], conv.in_channels, *conv.kernel_size)
+        tensors = {"lora_A.weight": a_p, "lora_B.weight": b_p.reshape(*b_p.shape, *ones)}
+        return a_p.shape[0], tensors, layer.lora_dropout_p
+    return layer.r, {"lora_A.weight": a, "lora_B.weight": b}, layer.lora_dropout_p
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Leaf names (["q_proj", "v_proj"]) when they select exactly `names`, else the full names."""
+    """Leaf names (["q_proj", "v_proj"]) when they select exactly `names` (no other module of the model,
+    outside our layers, has one of those names), else the full names."""
     leaves = sorted({n.split(".")[-1] for n in names})
-    selected = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in leaves}
+    inside = tuple(n + "." for n in names)
+    selected = {n for n, _ in model.named_modules() if n.split(".")[-1] in leaves and not n.startswith(inside)}
     return leaves if selected == set(names) else sorted(names)
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's LoRALinear adapters as a PEFT LoRA adapter; returns the directory."""
+    """Write the model's LoRA layers (LoRALinear, Embedding, Conv1d/2d/3d) as a PEFT LoRA adapter;
+    returns the directory. Checked before anything is written."""
     from safetensors.torch import save_file
 
     layers = dict(lora_layers(model))
     if not layers:
-        raise ValueError("the model has no LoRALinear layers to save (use inject_lora first)")
-    r = _most_common(m.r for m in layers.values())
-    alpha = _most_common(m.lora_alpha for m in layers.values())
-    rslora = {m.use_rslora for m in layers.values()}
-    if len(rslora) > 1:
-        raise ValueError("PEFT's config holds one use_rslora for all layers, but these layers mix it")
+        raise ValueError("the model has no LoRALinear, Embedding or Conv1d/2d/3d layers to save (inject_lora first)")
+    exported = {n: _export(n, m) for n, m in layers.items()}
+    rslora = _most_common(m.use_rslora for m in layers.values())
+    ranks = {n: e[0] for n, e in exported.items()}
+    alphas = {n: rescale_alpha(m.lora_alpha, m.r, m.use_rslora, ranks[n], rslora) for n, m in layers.items()}
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    dropouts = [e[2] for e in exported.values() if e[2] is not None]
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": _most_common(m.lora_dropout_p for m in layers.values()),
+        "lora_dropout": _most_common(dropouts) if dropouts else 0.0,
         "target_modules": _target_modules(model, list(layers)),
-        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        "alpha_pattern": {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha},
-        "use_rslora": rslora.pop(),
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "use_rslora": rslora,
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -70,9 +139,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "inference_mode": True,
     }
     tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    for name, (_, parts, _) in exported.items():
+        for suffix, t in parts.items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = t.contiguous().cpu()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -103,31 +172,59 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters load here")
     for key, bad in UNSUPPORTED.items():
         if config.get(key) == bad:
-            raise ValueError(f"{cfg_path}: {key}={bad} is not supported by LoRALinear")
+            raise ValueError(f"{cfg_path}: {key}={bad} is not supported by fused_lora's layers")
     return config, load_file(str(weights_path))
 
 
-def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (A, B)} from PEFT's keys; anything else in the file is an error."""
+def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[bool, torch.Tensor, torch.Tensor]]:
+    """{module name: (is an embedding's, A, B)} from PEFT's keys; anything else in the file is an error."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in state.items():
-        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight", key)
+        m = _KEY.fullmatch(key)
         if m is None:
             unknown.append(key)
         else:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+            kind = "E" if m.group(3) else ""
+            pairs.setdefault(m.group(1), {})[kind + (m.group(2) or m.group(3))] = t
     if unknown:
-        raise ValueError(f"the adapter file has entries LoRALinear cannot hold: {unknown[:8]}")
-    broken = [n for n, p in pairs.items() if set(p) != {"A", "B"}]
+        raise ValueError(f"the adapter file has entries fused_lora's layers cannot hold: {unknown[:8]}")
+    broken = [n for n, p in pairs.items() if set(p) not in ({"A", "B"}, {"EA", "EB"})]
     if broken:
-        raise ValueError(f"the adapter file lacks lora_A or lora_B for {broken}")
-    return {n: (p["A"], p["B"]) for n, p in pairs.items()}
+        raise ValueError(f"the adapter file lacks lora_A or lora_B (or mixes them with lora_embedding_*) for {broken}")
+    return {n: ("EA" in p, p.get("A", p.get("EA")), p.get("B", p.get("EB"))) for n, p in pairs.items()}
+
+
+def _import(name: str, module: nn.Module, embedding: bool, a: torch.Tensor, b: torch.Tensor):
+    """(A, B, our rank) for `module` (one of our layers, or the layer it would wrap) from PEFT's factors,
+    checked against its shapes."""
+    base = module.conv if isinstance(module, _ConvLoRA) else module
+    if isinstance(base, nn.Embedding) != embedding:
+        kinds = ("lora_embedding_A/B", "lora_A/B.weight")
+        raise ValueError(f"{name}: the file holds {kinds[not embedding]} for a {type(base).__name__}")
+    r = a.shape[0]
+    if isinstance(base, nn.Embedding):
+        want = ((r, base.num_embeddings), (base.embedding_dim, r))
+    elif isinstance(base, nn.Linear):
+        want = ((r, base.in_features), (base.out_features, r))
+    else:
+        k, ones = _check_conv(name, base), (1,) * (base.weight.dim() - 2)
+        want = ((r, base.in_channels, *base.kernel_size), (base.out_channels, r, *ones))
+    if (tuple(a.shape), tuple(b.shape)) != want:
+        raise ValueError(
+            f"{name}: adapter shapes A {list(a.shape)}, B {list(b.shape)} do not fit a {type(base).__name__} "
+            f"with these weights (expected A {list(want[0])}, B {list(want[1])})"
+        )
+    if isinstance(base, (nn.Embedding, nn.Linear)):
+        return a, b, r
+    a2, b2 = conv_from_peft(a.reshape(r, -1), b.reshape(b.shape[0], r), k)
+    return a2, b2, a2.shape[0] // k
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load a PEFT LoRA adapter into a plain model: the named nn.Linear layers become LoRALinear (unless
-    they already are, with matching shapes) and get the file's A and B. Returns the module names.
+    """Load a PEFT LoRA adapter into a plain model: the named layers (nn.Linear, nn.Embedding,
+    nn.Conv1d/2d/3d) become fused_lora's LoRA layers (unless they already are, with matching ranks) and
+    get the file's adapters. Returns the module names.
 
     Everything is checked before anything changes: a wrong file leaves the model as it was."""
     config, state = _read(Path(directory))
@@ -139,45 +236,34 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         extra = [n for n in existing if n not in adapters]
         if missing or extra:
             raise ValueError(
-                f"the model's LoRALinear layers do not match the adapter: not in the model "
+                f"the model's LoRA layers do not match the adapter: not in the model "
                 f"{missing[:8]}, not in the file {extra[:8]}"
             )
     else:
-        find_targets(model, names)  # every name exists and is an nn.Linear, or a clear error
+        find_targets(model, names)  # every name exists and is a layer we adapt, or a clear error
+    loaded = {}
     for n in names:
-        a, b = adapters[n]
-        layer = existing.get(n) or model.get_submodule(n)
-        if (
-            a.dim() != 2
-            or b.dim() != 2
-            or a.shape[1] != layer.in_features
-            or b.shape != (layer.out_features, a.shape[0])
-        ):
-            raise ValueError(
-                f"{n}: adapter shapes A {list(a.shape)}, B {list(b.shape)} do not fit a layer of "
-                f"in_features={layer.in_features}, out_features={layer.out_features}"
-            )
-        if existing and existing[n].r != a.shape[0]:
-            raise ValueError(f"{n}: the file's rank {a.shape[0]} differs from the layer's r={existing[n].r}")
+        embedding, a, b = adapters[n]
+        loaded[n] = _import(n, existing.get(n) or model.get_submodule(n), embedding, a, b)
+        if existing and existing[n].r != loaded[n][2]:
+            raise ValueError(f"{n}: the file's adapter has rank {loaded[n][2]} here, the layer r={existing[n].r}")
 
     if not existing:
+        rslora = bool(config.get("use_rslora"))
         for n in names:
-            a = adapters[n][0]
-            layer = LoRALinear.from_linear(
-                model.get_submodule(n),
-                r=a.shape[0],
-                lora_alpha=_pattern(config.get("alpha_pattern"), n, config.get("lora_alpha", 8)),
-                lora_dropout=config.get("lora_dropout", 0.0),
-                use_rslora=bool(config.get("use_rslora")),
-                merge_weights=False,
-                lora_dtype=a.dtype,
-            )
+            a, _, r = loaded[n]
+            r_file = adapters[n][1].shape[0]  # PEFT's rank for this module (its rank_pattern says the same)
+            alpha = _pattern(config.get("alpha_pattern"), n, config.get("lora_alpha", 8))
+            layer = wrap_module(
+                model.get_submodule(n), r, rescale_alpha(alpha, r_file, rslora, r, rslora),
+                config.get("lora_dropout", 0.0), use_rslora=rslora, merge_weights=False, lora_dtype=a.dtype,
+            )  # fmt: skip
             replace_module(model, n, layer)
         mark_only_lora_as_trainable(model)
     with torch.no_grad():
         for n in names:
             layer = model.get_submodule(n)
-            a, b = adapters[n]
+            a, b, _ = loaded[n]
             layer.lora_A.copy_(a.to(layer.lora_A.device, layer.lora_A.dtype))
             layer.lora_B.copy_(b.to(layer.lora_B.device, layer.lora_B.dtype))
     return names

@@ -1,13 +1,16 @@
-"""LoRA for any ``nn.Module``, the loralib way: swap matching ``nn.Linear`` layers for ``LoRALinear``.
+"""LoRA for any ``nn.Module``, the loralib way: swap matching ``nn.Linear`` layers for ``LoRALinear``,
+``nn.Embedding`` for ``fused_lora.Embedding`` and ``nn.Conv1d/2d/3d`` for ``fused_lora.Conv1d/2d/3d``.
 
     report = inject_lora(model, ["q_proj", "v_proj"], r=16, lora_alpha=32, lora_dropout=0.05)
     mark_only_lora_as_trainable(model)        # loralib's helper (inject_lora already did this)
     torch.save(lora_state_dict(model), path)  # loralib's helper: only the adapters
-    merge_lora(model); unmerge_lora(model)    # every LoRALinear, exact round trip
+    merge_lora(model); unmerge_lora(model)    # every LoRA layer, exact round trip
 
 `target_modules` follows PEFT: a string is a regular expression matched against the whole module name;
 a list matches names equal to an entry or ending in "." + entry; "all-linear" takes every nn.Linear but
-the model's output layer.
+the model's output layer. Embeddings get no dropout (loralib's and PEFT's have none); an embedding or
+convolution subclass with its own forward (e.g. a scaled embedding) is refused, since the LoRA layer
+would not reproduce it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,43 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..conv import Conv1d, Conv2d, Conv3d, _ConvLoRA
+from ..embedding import Embedding
 from ..layer import LoRALinear
 
 BIAS_MODES = ("none", "all", "lora_only")
+LORA_LAYERS = (LoRALinear, Embedding, _ConvLoRA)
+_CONVS = ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d))
+ADAPTABLE = "an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
+
+
+def lora_class(module: nn.Module) -> type | None:
+    """The LoRA layer class that can replace `module`, or None. Embedding and convolution subclasses
+    qualify only if they keep the base class's forward."""
+    if isinstance(module, LORA_LAYERS):
+        return None
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        return Embedding
+    for base, cls in _CONVS:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return cls
+    return None
+
+
+def wrap_module(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                merge_weights: bool = False, lora_dtype=None) -> nn.Module:  # fmt: skip
+    """The LoRA layer for `module`, sharing its weights (see :func:`lora_class`)."""
+    cls = lora_class(module)
+    common = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=merge_weights, lora_dtype=lora_dtype)
+    if cls is LoRALinear:
+        return LoRALinear.from_linear(module, lora_dropout=lora_dropout, **common)
+    if cls is Embedding:
+        return Embedding.from_embedding(module, **common)
+    if cls is not None:
+        return cls.from_conv(module, lora_dropout=lora_dropout, **common)
+    raise TypeError(f"{type(module).__name__} is not {ADAPTABLE}")
 
 
 @dataclass
@@ -83,18 +120,22 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
         raise ValueError(f"target_modules={target_modules!r} matches no module; available: {_module_listing(model)}")
     for n in chosen:
         m = named[n]
-        if isinstance(m, LoRALinear):
-            raise ValueError(f"{n} is already a LoRALinear: this model has LoRA injected already")
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"{n} matches target_modules but is a {type(m).__name__}, not an nn.Linear")
+        if isinstance(m, LORA_LAYERS):
+            raise ValueError(f"{n} is already a {type(m).__name__}: this model has LoRA injected already")
+        if lora_class(m) is None:
+            own = " with its own forward" if isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else ""
+            raise TypeError(f"{n} matches target_modules but is a {type(m).__name__}{own}, not {ADAPTABLE}")
     return chosen
 
 
 def _module_listing(model: nn.Module, limit: int = 40) -> str:
-    """Distinct leaf-name suffixes of the model's nn.Linear layers (and a few other names)."""
-    linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    others = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n} - set(linear))
-    return f"nn.Linear: {linear[:limit]}; other modules: {others[:limit]}"
+    """Distinct leaf-name suffixes of the model's nn.Linear layers, of its other adaptable layers
+    (embeddings, convolutions) and of a few other modules."""
+    named = [(n.split(".")[-1], m) for n, m in model.named_modules() if n]
+    linear = sorted({n for n, m in named if isinstance(m, nn.Linear)})
+    other = sorted({n for n, m in named if lora_class(m) is not None} - set(linear))
+    rest = sorted({n for n, _ in named} - set(linear) - set(other))
+    return f"nn.Linear: {linear[:limit]}; nn.Embedding / nn.ConvNd: {other[:limit]}; other modules: {rest[:limit]}"
 
 
 def inject_lora(
@@ -108,23 +149,17 @@ def inject_lora(
     merge_weights: bool = False,
     lora_dtype=None,
 ) -> InjectReport:
-    """Replace the selected nn.Linear layers of `model`, in place, by LoRALinear layers that share their
-    weight and bias (no copy), freeze every parameter that is not an adapter, and report what was done.
+    """Replace the selected layers of `model`, in place, by LoRA layers that share their weights (no copy)
+    — nn.Linear by LoRALinear, nn.Embedding by Embedding, nn.Conv1d/2d/3d by Conv1d/2d/3d —, freeze
+    every parameter that is not an adapter, and report what was done.
 
-    All targets are checked before any is replaced: an error leaves the model as it was."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("this model already has LoRALinear layers (inject_lora was called before)")
+    All targets are checked (and their LoRA layers built) before any is replaced: an error leaves the
+    model as it was."""
+    if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
+        raise ValueError("this model already has LoRA layers (inject_lora was called before)")
     names = find_targets(model, target_modules, exclude_modules)
     new = {
-        n: LoRALinear.from_linear(
-            model.get_submodule(n),
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            merge_weights=merge_weights,
-            lora_dtype=lora_dtype,
-        )
+        n: wrap_module(model.get_submodule(n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
         for n in names
     }
     for n, layer in new.items():
@@ -147,7 +182,8 @@ def _check_bias(bias: str) -> None:
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """loralib's helper: freeze everything but the adapters; bias="all" also trains every bias,
-    "lora_only" the biases of LoRA layers."""
+    "lora_only" the biases of LoRA layers that have a ``bias`` attribute (as loralib: a convolution's
+    ``conv.bias`` is not one)."""
     _check_bias(bias)
     for n, p in model.named_parameters():
         p.requires_grad = "lora_" in n
@@ -157,7 +193,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                 p.requires_grad = True
     elif bias == "lora_only":
         for m in model.modules():
-            if isinstance(m, LoRALinear) and m.bias is not None:
+            if isinstance(m, LORA_LAYERS) and getattr(m, "bias", None) is not None:
                 m.bias.requires_grad = True
 
 
@@ -179,12 +215,13 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     return out
 
 
-def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(name, layer) for every LoRALinear, Embedding and Conv1d/2d/3d of `model`."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS))
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRALinear (W += s·B·A, fp32 arithmetic); returns how many."""
+    """Merge every LoRA layer (W += ΔW, fp32 arithmetic, exact round trip); returns how many."""
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.merge()

@@ -5,7 +5,10 @@
 
 Each PEFT ``lora.Linear`` it can serve — a plain ``nn.Linear`` (or GPT-2 ``Conv1D``) base, no DoRA or
 other LoRA variant, no ``lora_bias``, one active adapter — has its class swapped for a subclass whose
-forward calls :func:`fused_lora.lora_linear` with the layer's own parameters. Nothing else changes:
+forward calls :func:`fused_lora.lora_linear` with the layer's own parameters; each ``lora.Embedding`` with
+a plain ``nn.Embedding`` base (not a scaled subclass such as Gemma's, not ``sparse``, no tensor-parallel
+plan) likewise calls :func:`fused_lora.lora_embedding`. PEFT's convolution layers stay on PEFT's forward
+(reported): their delta is weight-sized and a fused kernel would not pay. Nothing else changes:
 parameter names, ``state_dict``, ``save_pretrained`` / ``from_pretrained``, adapter switching, merging
 and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass hands anything it
 cannot serve (several active adapters, ``adapter_names=`` mixed batches, merged or disabled adapters,
@@ -20,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..embedding import lora_embedding
 from ..function import lora_linear
 
 log = logging.getLogger("fused_lora")
 
 _FUSED_CLASS: type | None = None
+_FUSED_EMBEDDING_CLASS: type | None = None
 
 
 @dataclass
@@ -85,6 +90,40 @@ def _fused_class():
     return _FUSED_CLASS
 
 
+def _fused_embedding_class():
+    """peft's lora.Embedding with the fused lookup (created once, at module level, so models pickle)."""
+    global _FUSED_EMBEDDING_CLASS
+    if _FUSED_EMBEDDING_CLASS is None:
+        base = _peft_lora().Embedding
+
+        class FusedLoraEmbedding(base):
+            """PEFT's lora.Embedding, running the fused kernel whenever it can serve the call."""
+
+            def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                adapter = _servable_embedding_adapter(self, args, kwargs)
+                if adapter is None:
+                    return super().forward(x, *args, **kwargs)
+                emb = self.get_base_layer()
+                return lora_embedding(
+                    x,
+                    emb.weight,
+                    self.lora_embedding_A[adapter],
+                    self.lora_embedding_B[adapter],
+                    self.scaling[adapter],
+                    emb.padding_idx,
+                    emb.max_norm,
+                    emb.norm_type,
+                    emb.scale_grad_by_freq,
+                    emb.sparse,
+                )
+
+        FusedLoraEmbedding.__module__ = __name__
+        FusedLoraEmbedding.__qualname__ = "FusedLoraEmbedding"
+        globals()["FusedLoraEmbedding"] = FusedLoraEmbedding
+        _FUSED_EMBEDDING_CLASS = FusedLoraEmbedding
+    return _FUSED_EMBEDDING_CLASS
+
+
 def _base_weight(layer) -> torch.Tensor:
     w = layer.get_base_layer().weight
     return w.t() if layer.fan_in_fan_out else w  # Conv1D stores [in, out]: a view, no copy
@@ -94,9 +133,34 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
 
+def _variant_reason(layer) -> str | None:
+    if any(getattr(layer, "use_dora", {}).values()) or getattr(layer, "lora_variant", None):
+        return "DoRA / LoRA variant"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters"
+    return None
+
+
+def _static_embedding_reason(layer) -> str | None:
+    base = layer.get_base_layer()
+    if type(base) is not nn.Embedding or not base.weight.is_floating_point():
+        return f"custom embedding base layer ({type(base).__name__})"  # e.g. a scaled embedding
+    if base._forward_pre_hooks or base._forward_hooks or hasattr(base, "_hf_hook"):
+        return "base layer has forward hooks (e.g. accelerate offloading)"
+    if base.sparse:
+        return "sparse embedding"
+    if getattr(layer, "tp_layer", None) is not None:
+        return "tensor-parallel embedding"
+    return _variant_reason(layer)
+
+
 def _static_reason(layer) -> str | None:
     """Why this layer can never be served (None if it can)."""
     lora_layer = _peft_lora()
+    if type(layer) is lora_layer.Embedding:
+        return _static_embedding_reason(layer)
+    if type(layer) in (lora_layer.Conv1d, lora_layer.Conv2d, lora_layer.Conv3d):
+        return f"{type(layer).__name__} layer (convolutions stay on PEFT's forward)"
     if type(layer) is not lora_layer.Linear:
         return f"{type(layer).__name__} layer"
     base = layer.get_base_layer()
@@ -104,13 +168,9 @@ def _static_reason(layer) -> str | None:
         return f"quantized or custom base layer ({type(base).__name__})"
     if base._forward_pre_hooks or base._forward_hooks or hasattr(base, "_hf_hook"):
         return "base layer has forward hooks (e.g. accelerate offloading)"  # we read its weight directly
-    if any(getattr(layer, "use_dora", {}).values()) or getattr(layer, "lora_variant", None):
-        return "DoRA / LoRA variant"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias"
-    if len(layer.active_adapters) != 1:
-        return f"{len(layer.active_adapters)} active adapters"
-    return None
+    return _variant_reason(layer)
 
 
 def _servable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
@@ -134,28 +194,46 @@ def _servable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return adapter
 
 
+def _servable_embedding_adapter(layer, args, kwargs) -> str | None:
+    """The one active adapter this embedding call can run fused, or None (then PEFT's forward runs)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if (
+        adapter not in layer.lora_embedding_A
+        or getattr(layer, "use_dora", {}).get(adapter)
+        or adapter in getattr(layer, "lora_variant", {})
+        or adapter in getattr(layer, "input_fns", {})
+        or adapter in getattr(layer, "output_fns", {})
+    ):
+        return None
+    a_dtype, w_dtype = layer.lora_embedding_A[adapter].dtype, layer.get_base_layer().weight.dtype
+    return adapter if a_dtype in (w_dtype, torch.float32) else None
+
+
 def _lora_layers(model: nn.Module):
     lora_layer = _peft_lora()
     return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
-    """Make every PEFT LoRA Linear layer of `model` that the kernels can serve run them. Idempotent."""
+    """Make every PEFT LoRA Linear and Embedding layer of `model` that the kernels can serve run them.
+    Idempotent."""
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no PEFT LoRA layers (wrap it with peft.get_peft_model "
             f"first, or use fused_lora.inject_lora on a plain model)"
         )
-    fused = _fused_class()
+    fused = {_peft_lora().Linear: _fused_class(), _peft_lora().Embedding: _fused_embedding_class()}
     report = PatchReport()
     for name, layer in layers:
-        if type(layer) is fused:
+        if type(layer) in fused.values():
             report.already_patched.append(name)
         elif (why := _static_reason(layer)) is not None:
             report.not_patched[name] = why
         else:
-            layer.__class__ = fused
+            layer.__class__ = fused[type(layer)]
             report.patched.append(name)
     log.info("%s", report)
     return report
@@ -163,9 +241,10 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
 
 def unpatch_peft_model(model: nn.Module) -> int:
     """Give every patched layer PEFT's own forward back; returns how many."""
-    fused, n = _fused_class(), 0
+    peft_cls = {_fused_class(): _peft_lora().Linear, _fused_embedding_class(): _peft_lora().Embedding}
+    n = 0
     for _, layer in _lora_layers(model):
-        if type(layer) is fused:
-            layer.__class__ = _peft_lora().Linear
+        if type(layer) in peft_cls:
+            layer.__class__ = peft_cls[type(layer)]
             n += 1
     return n
