@@ -5,6 +5,10 @@
     torch.save(lora_state_dict(model), path)  # loralib's helper: only the adapters
     merge_lora(model); unmerge_lora(model)    # every LoRALinear, exact round trip
 
+Defaults follow PEFT's ``LoraConfig`` (r = 8, lora_alpha = 8, no dropout), not loralib's ``lora.Linear``
+(r = 0, lora_alpha = 1): ``inject_lora`` plays the part of ``get_peft_model``. ``merge_weights`` is off
+by default (``eval()`` does not merge; :func:`merge_lora` does, on request).
+
 `target_modules` follows PEFT: a string is a regular expression matched against the whole module name;
 a list matches names equal to an entry or ending in "." + entry; "all-linear" takes every nn.Linear but
 the model's output layer.
@@ -101,7 +105,7 @@ def inject_lora(
     model: nn.Module,
     target_modules,
     r: int = 8,
-    lora_alpha: float = 16,
+    lora_alpha: float = 8,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
     exclude_modules=None,
