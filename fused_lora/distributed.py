@@ -32,8 +32,14 @@ def is_dtensor(t) -> bool:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor is gathered (a collective), anything else is returned as it is."""
-    return t.full_tensor() if is_dtensor(t) else t
+    """The whole tensor: a DTensor is gathered (a collective, finished on return), anything else is
+    returned as it is."""
+    if not is_dtensor(t):
+        return t
+    out = t.full_tensor()
+    # full_tensor may hand back an AsyncCollectiveTensor that waits at its first use; a rank that never
+    # uses it (one that does not write the file) would leave the gather pending at exit. Wait here.
+    return out.wait() if hasattr(out, "wait") and callable(out.wait) else out
 
 
 def local_block(t) -> tuple[slice, ...]:

@@ -128,3 +128,26 @@ def test_unmerged_state_dict_is_unchanged():
     assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
     layer.eval()
     assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B", "unmerge_index", "unmerge_value"]
+
+
+def test_load_adapter_into_a_merged_model(tmp_path):
+    """load_adapter into layers merged by eval(): the new adapters are merged into the base W, not
+    copied beside a W merged with the old ones."""
+    pytest.importorskip("safetensors")
+    import fused_lora
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    src, dst = copy.deepcopy(base), copy.deepcopy(base)
+    fused_lora.inject_lora(src, ["0", "2"], r=4, merge_weights=True)
+    for m in (src[0], src[2]):
+        nn.init.normal_(m.lora_B, std=0.3)
+    fused_lora.save_adapter(src, tmp_path)
+    fused_lora.inject_lora(dst, ["0", "2"], r=4, merge_weights=True)
+    dst.eval()  # merged, with B = 0
+    fused_lora.load_adapter(dst, tmp_path)
+    src.eval()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(dst(x), src(x))
+    dst.train()
+    assert torch.equal(dst[0].weight, base[0].weight) and torch.equal(dst[2].weight, base[2].weight)

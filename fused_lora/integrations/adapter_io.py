@@ -7,6 +7,12 @@ Keys are ``base_model.model.<module name>.lora_A.weight`` / ``.lora_B.weight``, 
 ``PeftModel.save_pretrained`` writes them, so an adapter saved here loads with
 ``PeftModel.from_pretrained`` on the same base model and gives the same outputs, and the reverse.
 Per-module ranks and alphas go through PEFT's ``rank_pattern`` / ``alpha_pattern``.
+
+Distributed: a DDP-wrapped model is unwrapped (its ``module.`` prefix is not part of the names), and only
+rank 0 writes files (calling ``save_adapter`` on every rank or on rank 0 alone both work). Under FSDP2 the
+adapters are gathered, so ``save_adapter`` is a collective there: every rank calls it, rank 0 writes, and
+every rank returns once the files exist. ``load_adapter`` reads the files on every rank and copies each
+rank's block into the sharded adapters (inject LoRA before ``fully_shard``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all, unwrap
 from ..layer import LoRALinear
 from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module
 
@@ -40,9 +47,12 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's LoRALinear adapters as a PEFT LoRA adapter; returns the directory."""
+    """Write the model's LoRALinear adapters as a PEFT LoRA adapter; returns the directory.
+
+    Collective under FSDP2 (every rank calls; rank 0 writes); elsewhere only rank 0 writes."""
     from safetensors.torch import save_file
 
+    model = unwrap(model)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRALinear layers to save (use inject_lora first)")
@@ -69,14 +79,19 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "use_dora": False,
         "inference_mode": True,
     }
+    sharded = is_sharded(model)
+    reshard_all(model)
     tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    for name, m in layers.items():  # the same order on every rank: full() gathers DTensors
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = full(m.lora_A.detach()).contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = full(m.lora_B.detach()).contiguous().cpu()
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if sharded:
+        barrier()
     return out
 
 
@@ -130,6 +145,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     they already are, with matching shapes) and get the file's A and B. Returns the module names.
 
     Everything is checked before anything changes: a wrong file leaves the model as it was."""
+    model = unwrap(model)
     config, state = _read(Path(directory))
     adapters = _adapter_modules(state)
     existing = dict(lora_layers(model))
@@ -174,10 +190,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             )
             replace_module(model, n, layer)
         mark_only_lora_as_trainable(model)
-    with torch.no_grad():
-        for n in names:
-            layer = model.get_submodule(n)
-            a, b = adapters[n]
-            layer.lora_A.copy_(a.to(layer.lora_A.device, layer.lora_A.dtype))
-            layer.lora_B.copy_(b.to(layer.lora_B.device, layer.lora_B.dtype))
+    for n in names:
+        layer = model.get_submodule(n)
+        a, b = adapters[n]
+        was_merged = layer.merged
+        layer.unmerge()  # W's merge follows the adapters it holds
+        copy_full_into(layer.lora_A, a)
+        copy_full_into(layer.lora_B, b)
+        if was_merged:
+            layer.merge()
     return names

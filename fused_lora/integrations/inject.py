@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..distributed import full, reshard_all
 from ..layer import LoRALinear
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -166,21 +167,26 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """loralib's helper: the adapters' entries of model.state_dict() (and biases, per `bias`)."""
+    """loralib's helper: the adapters' entries of model.state_dict() (and biases, per `bias`).
+
+    Under FSDP2 the entries are gathered into whole tensors: a collective (every rank calls it, every rank
+    gets the whole adapters; save them from rank 0)."""
     _check_bias(bias)
+    reshard_all(model)
     state = model.state_dict()
     if bias == "none":
-        return {k: v for k, v in state.items() if "lora_" in k}
-    if bias == "all":
-        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
-    out = {}
-    for k, v in state.items():
-        if "lora_" in k:
-            out[k] = v
-            bias_name = k.split("lora_")[0] + "bias"
-            if bias_name in state:
-                out[bias_name] = state[bias_name]
-    return out
+        out = {k: v for k, v in state.items() if "lora_" in k}
+    elif bias == "all":
+        out = {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
+    else:
+        out = {}
+        for k, v in state.items():
+            if "lora_" in k:
+                out[k] = v
+                bias_name = k.split("lora_")[0] + "bias"
+                if bias_name in state:
+                    out[bias_name] = state[bias_name]
+    return {k: full(v) for k, v in out.items()}
 
 
 def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
@@ -188,7 +194,9 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRALinear (W += s·B·A, fp32 arithmetic); returns how many."""
+    """Merge every LoRALinear (W += s·B·A, fp32 arithmetic); returns how many. A collective under FSDP2
+    (every rank calls it): each rank merges its block of each weight."""
+    reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.merge()
@@ -196,7 +204,8 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def unmerge_lora(model: nn.Module) -> int:
-    """Undo :func:`merge_lora` exactly; returns how many layers."""
+    """Undo :func:`merge_lora` exactly; returns how many layers (a collective under FSDP2, as merging)."""
+    reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.unmerge()
