@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fused_lora.bench import cli, options, plots
+from fused_lora.bench.model import PROVIDERS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--shapes", "attn-7b", "--ranks", "16", "--dropout", "0.1", "--providers", "fused,peft", "--modes", "fwdbwd"]
@@ -22,7 +23,7 @@ QUICK = ["--shapes", "attn-7b", "--ranks", "16", "--dropout", "0.1", "--provider
     [
         (
             ["--providers", "bogus"],
-            "argument --providers: unknown provider 'bogus'; choose from fused, peft, addmm, floor",
+            f"argument --providers: unknown provider 'bogus'; choose from {', '.join(PROVIDERS)}",
         ),
         (["--modes", "xyz"], "argument --modes: unknown mode 'xyz'; choose from fwd, bwd, fwdbwd"),
         (["--ranks", "0"], "argument --ranks: 0 is not a valid rank; ranks are integers >= 1"),

@@ -151,8 +151,8 @@ def parser() -> argparse.ArgumentParser:
         "--providers",
         type=names("provider", model.PROVIDERS),
         default=",".join(model.PROVIDERS),
-        help="implementations side by side, comma list of: fused (ours), peft (PEFT's lora.Linear), "
-        "addmm (Unsloth's cuBLAS chain), floor (the base GEMM alone)",
+        help=f"implementations side by side (fused_lora/bench/providers.py says what each is), comma list of: "
+        f"{', '.join(model.PROVIDERS)}",
     )
     add(
         "--gpu-spec",
