@@ -12,6 +12,8 @@ All of it is a no-op without torch.distributed, so single-process users never pa
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -24,11 +26,9 @@ def _dist():
 
 
 def is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor is imported: no import (and its cost) here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
