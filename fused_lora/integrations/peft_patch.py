@@ -113,7 +113,7 @@ class PatchNewLayers:
     def __call__(self, *args, **kwargs):
         out = type(self.tuner).inject_adapter(self.tuner, *args, **kwargs)
         report = _patch_layers(self.tuner)
-        log.info("fused_lora: after inject_adapter (add_adapter / load_adapter): %s", report)
+        log.info("after inject_adapter (add_adapter / load_adapter): %s", report)
         return out
 
 
