@@ -10,10 +10,10 @@ shows the loss falling, saves the adapter in PEFT's format, reloads it into a fr
 model, and checks that the reloaded model gives the same outputs.
 
 On the CPU the layers run fused_lora's reference backend, on one thread by default (--threads): the
-operations of a model this small are too short for more threads to pay, and on busy cores they cost
-far more than they give (measured on a 2-core machine, 300 steps: 18–22 s with one thread; 43 s with
-two, and 2 min 10 s with two while other jobs kept the cores busy). On a CUDA GPU, unchanged, the
-Triton kernels.
+operations of a model this small are short, so more threads gain little on idle cores and cost a lot on
+busy ones (measured on a 2-core machine, 300 steps: one thread 14-22 s; two threads 13 s on idle cores,
+but 43 s, and 2 min 10 s, while other jobs kept the cores busy). On a CUDA GPU, unchanged, the Triton
+kernels.
 """
 
 from __future__ import annotations
