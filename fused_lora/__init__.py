@@ -13,6 +13,8 @@
 - :func:`inject_lora`, loralib's helpers, :func:`merge_lora` — LoRA for any nn.Module.
 - :func:`patch_peft_model` — a Hugging Face PEFT model's LoRA layers on the fused kernels.
 - :func:`save_adapter` / :func:`load_adapter` — PEFT's adapter files from plain models.
+- :class:`AdapterCheckpointCallback` — those files at every transformers ``Trainer`` checkpoint
+  (imported on first use: it needs transformers).
 """
 
 from .backend import get_backend, set_backend, use_backend
@@ -36,6 +38,15 @@ from .integrations import (
 from .layer import LoRALinear
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "AdapterCheckpointCallback":  # needs transformers: imported on first use
+        from .integrations.trainer import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Conv1d",

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import UninitializedParameter
 
-from .merging import MergeRecord, merge_exact, unmerge_exact
+from .distributed import is_dtensor
+from .merging import ExactMerge, MergeRecord, MergeTarget
 from .validation import check_dropout, check_rank
 
 
@@ -61,7 +62,7 @@ def check_kernel_size(kernel_size, dims: int, name: str = "kernel_size") -> int:
     return int(kernel_size)
 
 
-class _ConvLoRA(nn.Module):
+class _ConvLoRA(ExactMerge, nn.Module):
     conv_cls: ClassVar[type[nn.Module]]
     dims: ClassVar[int]
 
@@ -163,32 +164,18 @@ class _ConvLoRA(nn.Module):
         w = self.conv.weight
         return self._merged_rows(0, self.lora_B.shape[0], w.reshape(self.lora_B.shape[0], -1)).view(w.shape)
 
-    def _versions(self) -> tuple[int, int]:
-        return (self.lora_A._version, self.lora_B._version)
+    # W lives in the ``conv`` child: a merged layer's state_dict carries no record (deepcopy/pickle do)
+    RECORD_IN_STATE = False
 
-    def merge(self) -> None:
-        """W += ΔW (fp32 arithmetic, one rounding); the layer then runs as a plain convolution."""
-        if self.r == 0 or self.merged:
-            return
-        rows, cols = self.lora_B.shape[0], self.lora_A.shape[1]
-        self._merge_record = merge_exact(
-            self.conv.weight, rows, cols, self._delta_rows, self._versions(), merged_rows=self._merged_rows
-        )
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W -= ΔW, undoing :meth:`merge` bit for bit (unless W, A or B changed in between)."""
-        if self.r == 0 or not self.merged:
-            return
-        rows, cols = self.lora_B.shape[0], self.lora_A.shape[1]
-        unmerge_exact(self.conv.weight, rows, cols, self._delta_rows, self._merge_record, self._versions())
-        self._merge_record, self.merged = None, False
-
-    def train(self, mode: bool = True) -> _ConvLoRA:
-        super().train(mode)
-        if self.merge_weights:
-            self.unmerge() if mode else self.merge()
-        return self
+    def _merge_target(self) -> MergeTarget:
+        """W in loralib's [out/groups·k, in·k^(d-1)] layout, ΔW's rows and round(W + ΔW) by one addmm (the
+        bits the unmerged forward uses)."""
+        w = self.conv.weight
+        if is_dtensor(w):
+            raise NotImplementedError("merging a sharded (FSDP2) convolution is not supported: merge before sharding")
+        rows = self.lora_B.shape[0]
+        adapters = (self.lora_A.detach(), self.lora_B.detach())
+        return MergeTarget(w, rows, w.numel() // rows, self._delta_rows, adapters, self._merged_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv

@@ -35,7 +35,8 @@ from torch.autograd.function import once_differentiable
 
 from . import reference_layers
 from .backend import interpreting, resolve_backend
-from .merging import MergeRecord, merge_exact, unmerge_exact
+from .distributed import full, is_dtensor, local_block
+from .merging import ExactMerge, MergeRecord, MergeTarget
 from .validation import check_rank, check_scaling
 
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -208,7 +209,7 @@ def lora_embedding(
     )
 
 
-class Embedding(nn.Embedding):
+class Embedding(ExactMerge, nn.Embedding):
     """loralib's ``lora.Embedding``: y = W[idx] + s·A[:, idx]ᵀ·Bᵀ, s = lora_alpha / r (/ √r with use_rslora).
 
     ``**kwargs`` are nn.Embedding's (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
@@ -296,32 +297,15 @@ class Embedding(nn.Embedding):
             layer.reset_lora_parameters()
         return layer
 
-    def _delta_rows(self, v0: int, v1: int) -> torch.Tensor:
-        """s·(B·A[:, v0:v1])ᵀ in fp32: rows v0:v1 of what merging adds to W."""
-        return (self.lora_B.float() @ self.lora_A[:, v0:v1].float()).t() * self.scaling
-
-    def _versions(self) -> tuple[int, int]:
-        return (self.lora_A._version, self.lora_B._version)
-
-    def merge(self) -> None:
-        """W += s·(B·A)ᵀ (fp32 arithmetic, one rounding); the layer then runs as a plain nn.Embedding."""
-        if self.r == 0 or self.merged:
-            return
-        self._merge_record = merge_exact(self.weight, *self.weight.shape, self._delta_rows, self._versions())
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W -= s·(B·A)ᵀ, undoing :meth:`merge` bit for bit (unless W, A or B changed in between)."""
-        if self.r == 0 or not self.merged:
-            return
-        unmerge_exact(self.weight, *self.weight.shape, self._delta_rows, self._merge_record, self._versions())
-        self._merge_record, self.merged = None, False
-
-    def train(self, mode: bool = True) -> Embedding:
-        super().train(mode)
-        if self.merge_weights:
-            self.unmerge() if mode else self.merge()
-        return self
+    def _merge_target(self) -> MergeTarget:
+        """W [V, D] (this rank's rows under FSDP2) and rows of ΔW = s·(B·A)ᵀ from the whole adapters."""
+        A, B = full(self.lora_A).detach(), full(self.lora_B).detach()
+        w, s = self.weight, self.scaling
+        local = w.to_local() if is_dtensor(w) else w
+        first = local_block(w)[0].start if is_dtensor(w) else 0
+        a, b = A.float(), B.float()
+        delta_rows = lambda v0, v1: (b @ a[:, first + v0 : first + v1]).t() * s
+        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:

@@ -1,16 +1,28 @@
 """``LoRALinear``: a drop-in for loralib's ``lora.Linear`` that runs the fused kernels.
 
-Same parameter names and shapes as loralib (``weight`` [out, in] — [in, out] with fan_in_fan_out —,
-``bias`` [out], ``lora_A`` [r, in], ``lora_B`` [out, r]), so a loralib state_dict loads strictly; the
-same initialisation (A kaiming-uniform with a = √5, B zero), frozen ``weight``, ``r = 0`` as a plain
-linear layer, and the same merge policy: ``eval()`` merges W += s·B·A when ``merge_weights``, ``train()``
-unmerges.
+Same constructor as loralib: ``LoRALinear(in_features, out_features, r=0, lora_alpha=1,
+lora_dropout=0.0, fan_in_fan_out=False, merge_weights=True, bias=True, device=None, dtype=None)`` with
+the same defaults, positions and meaning, so a ``lora.Linear(...)`` call carries over unchanged (``r=0``
+is a plain linear layer, as in loralib); ``use_rslora`` and ``lora_dtype`` are extra keywords. Same parameter
+names and shapes (``weight`` [out, in] — [in, out] with fan_in_fan_out —, ``bias`` [out], ``lora_A``
+[r, in], ``lora_B`` [out, r]), so a loralib state_dict loads strictly; the same initialisation (A
+kaiming-uniform with a = √5, B zero), frozen ``weight``, and the same merge policy: ``eval()`` merges
+W += s·B·A when ``merge_weights``, ``train()`` unmerges.
 
-Merging computes W + s·B·A in fp32 and rounds once to W's dtype. Rounding alone would make a
-merge/unmerge round trip move some elements by an ulp (loralib and PEFT do drift so, and a run that
-toggles eval/train accumulates it); here ``merge`` also records the few elements that subtracting the
-delta would not restore (their index and original value, usually a small fraction of W), and
-``unmerge`` puts them back, so the round trip is exact as long as A and B did not change in between.
+Merging computes W + s·B·A in fp32 and rounds once; the round trip is exact (see fused_lora.merging),
+and the record that makes it so travels with the layer: through ``copy.deepcopy``, pickling, and its
+state_dict. A merged layer's state_dict holds the merged W plus two entries, ``unmerge_index`` and
+``unmerge_value``; loading it gives a merged layer that unmerges exactly. ``load_state_dict`` always
+leaves W consistent with the ``merged`` flag: the layer unmerges before loading, takes the state as it
+was saved (merged or not; a state without ``weight`` keeps the base W), then follows its merge policy
+(with ``merge_weights``: merged in eval mode, unmerged in training mode). An unmerged layer's state_dict
+has exactly loralib's keys. (All of it is :class:`fused_lora.merging.ExactMerge`, shared by every layer.)
+
+Under FSDP2 the parameters are sharded DTensors: ``merge``/``unmerge`` (and so ``eval()``/``train()``
+with ``merge_weights``) gather the small adapters and change each rank's block of W in place. They are
+collectives there: every rank calls them, in the same order. A sharded layer's state_dict carries no
+merge record (state_dicts of sharded models are the distributed checkpoint's business).
+
 With the fused kernels the unmerged layer costs about what a merged one does, so ``merge_weights=False``
 is also a sensible choice.
 """
@@ -23,28 +35,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import full, is_dtensor, local_block
 from .function import lora_linear
-from .reference import merge_delta
+from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget
 from .validation import check_dropout, check_rank
 
+__all__ = ["RECORD_KEYS", "LoRALinear"]
 
-class LoRALinear(nn.Linear):
+
+class LoRALinear(ExactMerge, nn.Linear):
     """y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ with s = lora_alpha / r (lora_alpha / √r with use_rslora)."""
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        r: int = 8,
-        lora_alpha: float = 16,
+        r: int = 0,
+        lora_alpha: float = 1,
         lora_dropout: float = 0.0,
-        bias: bool = True,
-        use_rslora: bool = False,
         fan_in_fan_out: bool = False,
         merge_weights: bool = True,
+        *,
+        bias: bool = True,
+        use_rslora: bool = False,
         device=None,
         dtype=None,
-        *,
         lora_dtype: torch.dtype | None = None,
     ) -> None:
         r = check_rank(r)
@@ -52,7 +67,7 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.fan_in_fan_out, self.merge_weights, self.merged = fan_in_fan_out, merge_weights, False
-        self._unmerge_fix: tuple | None = None  # see merge()
+        self._merge_record: MergeRecord | None = None  # see merge()
         self.lora_dropout = nn.Dropout(p) if p > 0.0 else nn.Identity()
         if fan_in_fan_out:  # stored [in, out], as GPT-2's Conv1D does
             self.weight.data = self.weight.data.t().contiguous()
@@ -89,7 +104,7 @@ class LoRALinear(nn.Linear):
         cls,
         linear: nn.Linear,
         r: int = 8,
-        lora_alpha: float = 16,
+        lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         merge_weights: bool = True,
@@ -97,13 +112,19 @@ class LoRALinear(nn.Linear):
     ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are shared, not copied.
 
-        The adapters live on the weight's device, in `lora_dtype` — by default fp32 when the weight is
+        Defaults are PEFT's ``LoraConfig`` ones (r = 8, lora_alpha = 8), not loralib's r = 0. The adapters
+        live on the weight's device, in `lora_dtype` — by default fp32 when the weight is
         16-bit (PEFT's default: it keeps adapters in fp32 for stable updates), else the weight's dtype.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear wraps an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, LoRALinear):
             raise TypeError("this layer is already a LoRALinear")
+        if is_dtensor(linear.weight):
+            raise TypeError(
+                "this nn.Linear's weight is a DTensor (sharded, e.g. by fully_shard): add LoRA first "
+                "(inject_lora / load_adapter), then shard the model"
+            )
         w = linear.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -132,41 +153,24 @@ class LoRALinear(nn.Linear):
         """W as [out, in] (a view when stored transposed)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W += s·B·A (fp32 arithmetic, one rounding); the layer then runs as a plain linear layer."""
-        if self.r == 0 or self.merged:
-            return
-        w = self._weight_nk()
-        delta = merge_delta(self.lora_A, self.lora_B, self.scaling)
-        merged = (w.float() + delta).to(w.dtype)
-        # Elements that W_merged - delta would not round back to W: keep their index and value.
-        lost = ((merged.float() - delta).to(w.dtype) != w).flatten().nonzero().squeeze(1)
-        self._unmerge_fix = (lost, w.flatten()[lost].clone(), self._adapter_versions())
-        w.copy_(merged)
-        self.merged = True
+    def _lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with ΔW = s·B·A [out, in] (MergedLinear puts its block-structured B here)."""
+        return self.lora_A, self.lora_B
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W -= s·B·A, undoing :meth:`merge` exactly (unless A or B changed while merged)."""
-        if self.r == 0 or not self.merged:
-            return
-        w = self._weight_nk()
-        w.copy_((w.float() - merge_delta(self.lora_A, self.lora_B, self.scaling)).to(w.dtype))
-        fix, self._unmerge_fix = self._unmerge_fix, None
-        if fix is not None and fix[2] == self._adapter_versions():
-            rows, cols = fix[0] // w.shape[1], fix[0] % w.shape[1]
-            w[rows, cols] = fix[1]
-        self.merged = False
-
-    def _adapter_versions(self) -> tuple[int, int]:
-        return (self.lora_A._version, self.lora_B._version)
-
-    def train(self, mode: bool = True) -> LoRALinear:
-        super().train(mode)
-        if self.merge_weights:
-            self.unmerge() if mode else self.merge()
-        return self
+    def _merge_target(self) -> MergeTarget:
+        """W in its stored layout ([in, out] with fan_in_fan_out; this rank's block of it under FSDP2) and
+        the matching rows of ΔW = s·B·A, from the whole (gathered) adapters."""
+        A, B = (full(t).detach() for t in self._lora_factors())
+        w, s = self.weight, self.scaling
+        local = w.to_local() if is_dtensor(w) else w
+        rows_slice, cols_slice = local_block(w) if is_dtensor(w) else (slice(None), slice(None))
+        if self.fan_in_fan_out:  # stored [in, out]: ΔWᵀ
+            a, b = A[:, rows_slice].float(), B[cols_slice].float()
+            delta_rows = lambda r0, r1: (a[:, r0:r1].t() @ b.t()) * s
+        else:
+            a, b = A[:, cols_slice].float(), B[rows_slice].float()
+            delta_rows = lambda r0, r1: (b[r0:r1] @ a) * s
+        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:

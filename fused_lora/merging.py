@@ -1,33 +1,44 @@
-"""Exact merge bookkeeping for any LoRA layer: W += ΔW with one rounding, and a record that lets the
-unmerge restore W bit for bit.
+"""Exact merging for every LoRA layer: W ← round(W + ΔW) with one rounding, and a record that lets the
+unmerge restore W bit for bit — also after ``copy.deepcopy``, pickling and a state_dict round trip.
 
-    record = merge_exact(weight, rows, cols, delta_rows, versions)   # W ← round(W + ΔW), in place
-    unmerge_exact(weight, rows, cols, delta_rows, record, versions)  # W ← the W it was before merge
+    record = merge_exact(weight, rows, cols, delta_rows, adapters)        # W ← round(W + ΔW), in place
+    unmerge_exact(weight, rows, cols, delta_rows, record, adapters)       # W ← what it was before merge
 
-`weight` is the layer's Parameter; ``(rows, cols)`` is the 2-D layout in which the layer defines its
-delta (``[out, in]`` for a linear layer, ``[num_embeddings, dim]`` for an embedding, loralib's
-``[out/groups·k, in·k^(d-1)]`` for a convolution), and ``delta_rows(r0, r1)`` returns fp32 ΔW for rows
-``r0:r1`` of it. The work runs in row chunks (about 16 M elements each), so the fp32 temporaries stay
-small even for a large vocabulary.
+``(rows, cols)`` is the 2-D layout in which a layer defines its delta ([out, in] for a linear layer —
+or W's stored [in, out] with fan_in_fan_out —, [num_embeddings, dim] for an embedding, loralib's
+[out/groups·k, in·k^(d-1)] for a convolution) and ``delta_rows(r0, r1)`` gives fp32 ΔW for rows r0:r1.
+The work runs in row chunks (about 16 M elements each), so the fp32 temporaries stay small even for a
+large vocabulary.
 
-Why a record: rounding W + ΔW to a 16-bit (or fp32) W loses bits, and W_merged − ΔW does not always
-round back to W (loralib and PEFT drift by an ulp per merge/unmerge trip). For every chunk, the merge
-finds the elements that would not come back — compared as bit patterns, so −0.0 and NaN payloads count
-too — and keeps either their positions and original values or, when that would be larger, a copy of
-the chunk; the unmerge puts them back. The record is used only while it still describes the weight:
-the adapters' and the weight's version counters must be what they were right after the merge (an
-optimizer step, ``load_state_dict`` or ``max_norm``'s renormalisation in between invalidates it, and
-the unmerge then only subtracts ΔW). Memory: at most one copy of W, usually far less.
+Why a record: W_merged − ΔW does not always round back to W (loralib and PEFT drift by an ulp per
+merge/unmerge trip, and a run that toggles eval/train accumulates it). The merge finds the elements that
+would not come back — compared as bit patterns, so −0.0, NaN payloads and infinities count — and keeps
+their positions, their original values and what the merge wrote there. The unmerge subtracts ΔW and puts
+the originals back, but only
+
+- while the adapters are the ones the delta came from (compared by value, so the check survives
+  deepcopy, pickling and state_dicts; a version counter would not), and
+- at positions that still hold what the merge wrote (an element changed since — an optimizer step on W,
+  ``max_norm``'s renormalisation — is left as the subtraction makes it).
+
+:class:`ExactMerge` gives a layer ``merge()`` / ``unmerge()`` / ``train()`` and carries the record
+through its state_dict (two extra entries, ``unmerge_index`` / ``unmerge_value``, in a merged layer's
+state only; an unmerged layer's keys are loralib's). Under FSDP2 the layer merges its rank's block of W
+with the matching block of ΔW (a collective: the adapters are gathered).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from .distributed import is_dtensor, reshard_fsdp_owners
+
 CHUNK_ELEMENTS = 1 << 24
+RECORD_KEYS = ("unmerge_index", "unmerge_value")
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 DeltaRows = Callable[[int, int], torch.Tensor]
@@ -36,16 +47,17 @@ MergedRows = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 @dataclass
 class MergeRecord:
-    """What :func:`unmerge_exact` needs to restore W: per chunk (first row, positions or None, values)."""
+    index: torch.Tensor  # int64 flat positions into W's [rows, cols] layout
+    value: torch.Tensor  # W there before the merge
+    merged: torch.Tensor  # W there right after the merge
+    adapters: tuple[torch.Tensor, ...]  # copies of the adapters the delta came from
 
-    chunks: list[tuple[int, torch.Tensor | None, torch.Tensor]]
-    versions: tuple[int, ...]  # the adapters' version counters at merge time
-    weight_version: int  # the weight's version counter right after the merge
-    weight_ptr: int
+    def applies_to(self, adapters: tuple[torch.Tensor, ...]) -> bool:
+        return len(adapters) == len(self.adapters) and all(map(_same, self.adapters, adapters))
 
-    def valid_for(self, weight: torch.Tensor, versions: tuple[int, ...]) -> bool:
-        same_weight = self.weight_version == weight._version and self.weight_ptr == weight.data_ptr()
-        return same_weight and self.versions == versions
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -59,8 +71,8 @@ def _chunks(rows: int, cols: int):
 
 
 class _Work:
-    """A 2-D [rows, cols] view of `weight` to work in, or a contiguous copy written back at the end
-    (a channels-last convolution weight cannot be viewed as loralib's 2-D layout)."""
+    """A [rows, cols] view of `weight` to work in, or a contiguous copy written back at the end (a
+    channels-last convolution weight cannot be viewed in loralib's 2-D layout)."""
 
     def __init__(self, weight: torch.Tensor, rows: int, cols: int) -> None:
         if weight.numel() != rows * cols:
@@ -80,7 +92,7 @@ def merge_exact(
     rows: int,
     cols: int,
     delta_rows: DeltaRows,
-    versions: tuple[int, ...],
+    adapters: tuple[torch.Tensor, ...],
     merged_rows: MergedRows | None = None,
 ) -> MergeRecord:
     """W ← round(W + ΔW) in place (fp32 arithmetic, one rounding); returns the record to undo it.
@@ -88,19 +100,19 @@ def merge_exact(
     `merged_rows(r0, r1, w)`, if given, forms round(w + ΔW) for those rows itself (e.g. with one fused
     addmm, to give the very bits a layer's unmerged forward uses); the record is the same either way."""
     work = _Work(weight, rows, cols)
-    chunks = []
+    index, value, merged_at = [], [], []
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
         d = delta_rows(r0, r1)
         merged = merged_rows(r0, r1, w) if merged_rows is not None else (w.float() + d).to(w.dtype)
         lost = (_bits((merged.float() - d).to(w.dtype)) != _bits(w)).flatten().nonzero().squeeze(1)
-        if lost.numel() * (4 + w.element_size()) < w.numel() * w.element_size():
-            chunks.append((r0, lost.to(torch.int32), w.flatten()[lost].clone()))
-        else:
-            chunks.append((r0, None, w.clone()))
+        index.append(lost + r0 * cols)
+        value.append(w.flatten()[lost].clone())
+        merged_at.append(merged.flatten()[lost].clone())
         w.copy_(merged)
     work.finish()
-    return MergeRecord(chunks, versions, weight._version, weight.data_ptr())
+    copies = tuple(a.detach().clone() for a in adapters)
+    return MergeRecord(torch.cat(index), torch.cat(value), torch.cat(merged_at), copies)
 
 
 @torch.no_grad()
@@ -110,19 +122,146 @@ def unmerge_exact(
     cols: int,
     delta_rows: DeltaRows,
     record: MergeRecord | None,
-    versions: tuple[int, ...],
+    adapters: tuple[torch.Tensor, ...],
 ) -> None:
-    """Undo :func:`merge_exact`: bit for bit while `record` is valid, else W ← round(W − ΔW)."""
+    """Undo :func:`merge_exact`: W ← round(W − ΔW), then the recorded elements are put back where the
+    record applies (see the module docstring)."""
     work = _Work(weight, rows, cols)
-    exact = record is not None and record.valid_for(weight, versions)
-    saved = {c[0]: c for c in record.chunks} if exact else {}
+    flat = work.w2.view(-1)
+    restore = None
+    if record is not None and record.index.numel() and record.applies_to(adapters):
+        index = record.index.to(flat.device)
+        untouched = _bits(flat[index]) == _bits(record.merged.to(flat.device, flat.dtype))
+        restore = (index[untouched], record.value.to(flat.device, flat.dtype)[untouched])
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
-        kept = saved.get(r0)
-        if kept is not None and kept[1] is None:  # a full copy of the chunk
-            w.copy_(kept[2])
-            continue
         w.copy_((w.float() - delta_rows(r0, r1)).to(w.dtype))
-        if kept is not None:
-            w.view(-1)[kept[1].long()] = kept[2]
+    if restore is not None:
+        flat[restore[0]] = restore[1]
     work.finish()
+
+
+def record_from_state(
+    index: torch.Tensor, value: torch.Tensor, weight: torch.Tensor, adapters: tuple[torch.Tensor, ...]
+) -> MergeRecord:
+    """A record read back from a state_dict holding a merged W (the record's `merged` values are W's
+    as loaded), checked."""
+    numel = weight.numel()
+    if index.dim() != 1 or value.shape != index.shape or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"unmerge_index / unmerge_value must be 1-D, of one length, the index integer; got "
+            f"{index.dtype} {list(index.shape)} and {value.dtype} {list(value.shape)}"
+        )
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"unmerge_index holds positions outside the weight's {numel} elements")
+    index = index.to(weight.device, torch.int64)
+    flat = weight.detach().reshape(-1)
+    merged = flat[index].clone()
+    copies = tuple(a.detach().clone() for a in adapters)
+    return MergeRecord(index, value.to(weight.device, weight.dtype), merged, copies)
+
+
+class MergeTarget(NamedTuple):
+    """What a layer's merge changes and how: `weight` (in place: W, or this rank's block of it under
+    FSDP2) seen as [rows, cols], ΔW's rows in that layout, the whole adapters, optionally round(W + ΔW)."""
+
+    weight: torch.Tensor
+    rows: int
+    cols: int
+    delta_rows: DeltaRows
+    adapters: tuple[torch.Tensor, ...]
+    merged_rows: MergedRows | None = None
+
+
+class ExactMerge:
+    """merge() / unmerge() / train() with exact round trips, and the record in the state_dict, for a LoRA
+    layer (mixed in before its nn.Module base). The layer defines :meth:`_merge_target` and
+    :meth:`_has_lora`, and holds ``merged``, ``merge_weights`` and ``_merge_record``.
+
+    ``RECORD_IN_STATE``: the layer's W is its own parameter ``weight`` (LoRALinear, MergedLinear,
+    Embedding), so a merged layer's state_dict can carry the record next to it; a convolution keeps W in
+    its ``conv`` child and opts out (its deepcopy and pickle still carry the record)."""
+
+    RECORD_IN_STATE = True
+
+    def _has_lora(self) -> bool:
+        return self.r > 0
+
+    def _merge_target(self) -> MergeTarget:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """W += ΔW (fp32 arithmetic, one rounding); the layer then runs as its plain base layer."""
+        if not self._has_lora() or self.merged:
+            return
+        reshard_fsdp_owners(self)
+        t = self._merge_target()
+        self._merge_record = merge_exact(t.weight, t.rows, t.cols, t.delta_rows, t.adapters, t.merged_rows)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W -= ΔW, undoing :meth:`merge` exactly (unless the adapters changed in between)."""
+        if not self._has_lora() or not self.merged:
+            return
+        reshard_fsdp_owners(self)
+        t = self._merge_target()
+        record, self._merge_record = self._merge_record, None
+        unmerge_exact(t.weight, t.rows, t.cols, t.delta_rows, record, t.adapters)
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            self.unmerge() if mode else self.merge()
+        return self
+
+    def _record_in_state(self) -> bool:
+        return self.RECORD_IN_STATE and self._has_lora() and not is_dtensor(self.weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.merged or not self._record_in_state():
+            return
+        record = self._merge_record
+        if record is None or not record.applies_to(self._merge_target().adapters):
+            # merged, but nothing restores W exactly any more (the adapters changed): record nothing
+            index, value = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=self.weight.dtype)
+        else:
+            index, value = record.index, record.value
+        destination[prefix + RECORD_KEYS[0]] = index
+        destination[prefix + RECORD_KEYS[1]] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Leaves W consistent with ``merged``: unmerge, load the state as it was saved (merged or not; a
+        state without ``weight`` keeps the base W), then follow the merge policy."""
+        load = lambda: super(ExactMerge, self)._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )
+        if not self._record_in_state():
+            return load()
+        was_merged = self.merged
+        self.unmerge()  # W is the base weight while loading
+        n_errors = len(errors)
+        load()
+        keys = [prefix + k for k in RECORD_KEYS]
+        for k in keys:
+            if k in unexpected:
+                unexpected.remove(k)
+        if len(errors) > n_errors:
+            return
+        if keys[0] in state_dict or keys[1] in state_dict:  # a merged layer's state
+            if not (keys[0] in state_dict and keys[1] in state_dict):
+                errors.append(f"{prefix}: a merged layer's state needs both {keys[0]} and {keys[1]}")
+                return
+            try:
+                self._merge_record = record_from_state(
+                    state_dict[keys[0]], state_dict[keys[1]], self.weight, self._merge_target().adapters
+                )
+            except ValueError as e:
+                errors.append(f"{prefix}: {e}")
+                return
+            self.merged = True
+        elif prefix + "weight" not in state_dict and was_merged:
+            self.merge()  # adapters only: the base W stays, merged with the adapters as they are now
+        if self.merge_weights:
+            self.merge() if not self.training else self.unmerge()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_lora import reference
-from fused_lora.bench import cli, model, plots
+from fused_lora.bench import cli, model, plots, summary
 from fused_lora.bench.providers import Case, NotApplicable, build, make_weights
 
 from helpers import assert_close_to_ref
@@ -66,11 +66,20 @@ def test_providers_compute_the_same_layer(p, device):
 
 
 def test_main_job_without_gpu(tmp_path, capsys):
-    """The README's main job on a machine with no GPU: smoke, saved bytes, modelled table, results file."""
+    """The README's main job on a machine with no GPU: smoke, saved bytes, modelled table, results file,
+    a short summary on the terminal and the full tables in a file."""
     out = tmp_path / "rows.jsonl"
-    assert cli.main(["--shapes", "attn-7b", "--ranks", "16", "--dropout", "0,0.1", "--out", str(out)]) == 0
+    argv = ["--shapes", "attn-7b", "--ranks", "16", "--dropout", "0,0.1", "--out", str(out), "--no-plots",
+            "--providers", "fused,peft,addmm,floor"]  # fmt: skip
+    assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "speed needs a GPU" in text and "NO speed claims" in text
+    assert "speed needs one" in text and "NO speed claims" in text
+    assert "smoke run (interpreter, correctness only): 7 ok, 1 n/a" in text
+    assert "MODELLED forward+backward on an H100 SXM (roofline, not measured), dropout 0: fused" in text
+    assert "bytes kept for backward (measured, meta device), dropout 0.1: fused 0.52 MB | peft 134" in text
+    assert len(text.splitlines()) < 20
+    tables = (tmp_path / "rows-tables.txt").read_text()
+    assert "1. smoke run" in tables and "2. bytes kept for backward" in tables and "3. MODELLED time" in tables
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     saved = {(r["provider"], r["dropout"]): r.get("saved_mb") for r in rows if r["mode"] == "saved"}
     assert saved[("fused", 0.1)] == pytest.approx((8192 * 16 * 4 + 8) / 1e6)
@@ -131,7 +140,7 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     monkeypatch.setattr(sweep, "peak_bytes", lambda fn, dev: (fn(), 4096)[1])
     cases = [Case("tiny", 16, 24, 20, 4, torch.float32, torch.float32, p, device) for p in (0.0, 0.1)]
     env = {"gpu": "stub", "torch": "t", "triton": "t", "date": "d", "commit": "c"}
-    rows = sweep.run_sweep(cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1)
+    rows, sections = sweep.run_sweep(cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1)
     for r in rows:  # give each provider its own time, then recompute the ratios
         if r.get("ms"):
             r["ms"] = fake_ms[r["provider"]]
@@ -142,4 +151,8 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     assert fused["ratio_to_floor"] == pytest.approx(1.0 / 0.9) and fused["speedup_vs_peft"] == pytest.approx(1.5)
     assert fused["speedup_vs_addmm"] == pytest.approx(1.2) and fused["saved_mb"] > 0
     assert any(r["note"].startswith("n/a") for r in rows if r["provider"] == "addmm")
-    assert "== tiny: K=24 -> N=20" in capsys.readouterr().out
+    lines = summary.measured(rows, list(model.PROVIDERS))
+    assert lines[0] == "headline case: tiny, M=16, K=24 -> N=20, r=4, float32 (adapters float32)"
+    assert "measured forward+backward, dropout 0: fused 1.000 ms (1.11x floor, 1.50x faster than peft) | " in lines[1]
+    assert [title for title, _, _ in sections] == ["== tiny: K=24 -> N=20, float32 (adapters float32) =="]
+    assert capsys.readouterr().out == "", "the sweep prints nothing: tables go to a file, the summary to the end"

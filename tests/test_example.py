@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fused_lora
 
@@ -30,3 +31,21 @@ def test_example_runs_on_the_kernels(capsys):
     """A few steps with the Triton backend (the interpreter here, the GPU elsewhere): it runs unchanged."""
     assert finetune_tiny.main(["--steps", "2", "--batch", "1", "--no-progress", "--rank", "4"]) == 0
     assert "max |logits difference| = 0.00e+00" in capsys.readouterr().out
+
+
+def test_example_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
+    """Threads make this tiny model several times slower on busy cores: one by default, then restored."""
+    if torch.cuda.is_available():
+        pytest.skip("the thread count applies on the CPU only")
+    seen = []
+    monkeypatch.setattr(finetune_tiny, "run", lambda ns, device: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert finetune_tiny.main([]) == 0
+        assert finetune_tiny.main(["--threads", "2"]) == 0
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        with pytest.raises(SystemExit):
+            finetune_tiny.main(["--threads", "0"])
+    finally:
+        torch.set_num_threads(before)

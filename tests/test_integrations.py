@@ -15,39 +15,10 @@ import fused_lora
 from fused_lora.kernels import LAUNCHES
 
 from helpers import assert_close_to_ref
+from models import batch, peft_model, randomize_lora, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(device="cpu", seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config).to(device).eval()
-
-
-def batch(device):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (2, 9), generator=g).to(device)
-    return {"input_ids": ids, "labels": ids}
-
-
-def randomize_lora(model: nn.Module, seed=3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def loss_and_grads(model, inputs):
@@ -132,16 +103,6 @@ def test_merge_unmerge_model_round_trip(device):
 
 
 # ---------------------------------------------------------------- PEFT models
-
-
-def peft_model(device, **config):
-    base = tiny_llama(device)
-    cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=config.pop("target_modules", ALL), lora_dropout=0.0, **config
-    )
-    model = peft.get_peft_model(base, cfg)
-    randomize_lora(model)
-    return model
 
 
 def test_patched_peft_matches_peft(device):

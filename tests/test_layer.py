@@ -36,7 +36,7 @@ def test_state_dict_round_trips_with_loralib(fan_in_fan_out, device):
 
 
 def test_initialisation_and_freezing(device):
-    layer = LoRALinear(400, 30, r=8, device=device)
+    layer = LoRALinear(400, 30, r=8, lora_alpha=16, device=device)
     assert torch.count_nonzero(layer.lora_B) == 0
     bound = 1 / math.sqrt(400)  # kaiming_uniform(a=√5): sqrt(6 / ((1 + 5) · fan_in))
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
@@ -45,6 +45,23 @@ def test_initialisation_and_freezing(device):
     assert trainable == {"bias", "lora_A", "lora_B"}  # loralib leaves bias trainable too
     assert layer.scaling == 16 / 8
     assert LoRALinear(4, 4, r=16, lora_alpha=8, use_rslora=True).scaling == 8 / 4
+
+
+def test_constructor_matches_loralib(device):
+    """The same call builds the same layer in both: defaults (r=0, lora_alpha=1, no dropout,
+    merge_weights) and positional order (in, out, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights)."""
+    for args, kwargs in [((12, 10), {}), ((12, 10, 4), {}), ((12, 10, 4, 2, 0.1, True, False), {}),
+                         ((12, 10), {"r": 2, "bias": False})]:  # fmt: skip
+        ours, theirs = LoRALinear(*args, **kwargs), loralib.Linear(*args, **kwargs)
+        for attr in ("r", "lora_alpha", "fan_in_fan_out", "merge_weights"):
+            assert getattr(ours, attr) == getattr(theirs, attr), (args, kwargs, attr)
+        assert ours.lora_dropout_p == (theirs.lora_dropout.p if isinstance(theirs.lora_dropout, nn.Dropout) else 0)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }
+        if ours.r:
+            assert ours.scaling == theirs.scaling
+    assert not hasattr(LoRALinear(12, 10), "lora_A")  # r = 0: a plain linear layer, as loralib's
 
 
 def test_rank_zero_is_nn_linear(device):

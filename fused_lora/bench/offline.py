@@ -11,13 +11,20 @@ import torch
 import fused_lora
 
 from . import model
-from .cli import format_table, modelled
 from .measure import nbytes, saved_for_backward
+from .progress import bar
 from .providers import Case, NotApplicable, build, make_weights
+from .tables import Column, modelled
 
 SMOKE = [Case("smoke", 48, 40, 56, 8, torch.float32, torch.float32, p, "cpu") for p in (0.0, 0.1)]
 
-MEMORY_COLUMNS = [
+SMOKE_COLUMNS: list[Column] = [
+    ("p", "dropout", "g"),
+    ("provider", "provider", "s"),
+    ("result", "result", "s"),
+    ("detail", "detail", "s"),
+]
+MEMORY_COLUMNS: list[Column] = [
     ("shape", "shape", "s"),
     ("M", "M", "d"),
     ("K", "K", "d"),
@@ -28,7 +35,7 @@ MEMORY_COLUMNS = [
     ("saved MB", "saved_mb", ".2f"),
     ("note", "note", "s"),
 ]
-MODEL_COLUMNS = [
+MODEL_COLUMNS: list[Column] = [
     ("shape", "shape", "s"),
     ("M", "M", "d"),
     ("r", "r", "d"),
@@ -45,41 +52,40 @@ MODEL_COLUMNS = [
 ]
 
 
-def smoke(providers: list[str]) -> None:
+def smoke(providers: list[str]) -> list[dict]:
     """Every provider, forward + backward, on a tiny case on the CPU (fused through the interpreter),
-    checked against the fp64 reference on the same weights (the dropout cases only for shape)."""
-    print("1. smoke run (CPU; fused = Triton interpreter) — correctness only, no speed claims")
+    checked against the fp64 reference on the same weights (the dropout cases only for finiteness)."""
+    out = []
     for case in SMOKE:
         w = make_weights(case)
         ref = fused_lora.reference.lora_linear(
             w["x"].double(), w["W"].double(), w["A"].double(), w["B"].double(), case.alpha / case.r
         )
         for name in providers:
+            row = {"dropout": case.dropout, "provider": name}
             try:
                 prov = build(name, case, w)
             except (NotApplicable, ImportError) as e:
-                print(f"   p={case.dropout:g} {name:6s} n/a: {e}")
+                out.append({**row, "result": "n/a", "detail": str(e)})
                 continue
             y = prov.forward()
             prov.backward()
-            ok = torch.isfinite(y).all() and torch.isfinite(prov.x.grad).all()
+            ok = bool(torch.isfinite(y).all() and torch.isfinite(prov.x.grad).all())
+            detail = "forward+backward ran, finite"
             if case.dropout == 0 and name != "floor":
                 err = (y.double() - ref).abs().max().item()
                 ok = ok and err < 1e-3
                 detail = f"max |y - fp64 reference| = {err:.2e}"
-            else:
-                detail = "forward+backward ran, finite"
-            print(f"   p={case.dropout:g} {name:6s} {'ok' if ok else 'FAILED'}: {detail} ({prov.impl})")
+            out.append({**row, "result": "ok" if ok else "FAILED", "detail": f"{detail} ({prov.impl})"})
+    return out
 
 
-def memory_rows(cases: list[Case], providers: list[str], env: dict) -> list[dict]:
+def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bool = True) -> list[dict]:
     """Bytes kept for backward by one training forward, at full size, on the meta device."""
+    unique = list({(c.shape, c.M, c.r, c.dropout): c for c in cases}.values())
     rows = []
-    seen = set()
-    for case in cases:
-        if (case.shape, case.M, case.r, case.dropout) in seen:
-            continue
-        seen.add((case.shape, case.M, case.r, case.dropout))
+    pbar = bar(len(unique) * len(providers), "bytes kept for backward", progress)
+    for case in unique:
         w = make_weights(case)
         for name in providers:
             row = {**env, **case.fields(), "provider": name, "mode": "saved", "speed_valid": False}
@@ -87,20 +93,23 @@ def memory_rows(cases: list[Case], providers: list[str], env: dict) -> list[dict
                 prov = build(name, case, w)
             except NotApplicable as e:
                 rows.append({**row, "note": f"n/a: {e}"})
-                continue
-            saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
-            rows.append(
-                {
-                    **row,
-                    "saved_mb": nbytes(saved) / 1e6,
-                    "note": prov.impl,
-                    "saved_shapes": [list(t.shape) for t in saved],
-                }
-            )
+            else:
+                saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
+                rows.append(
+                    {
+                        **row,
+                        "saved_mb": nbytes(saved) / 1e6,
+                        "note": prov.impl,
+                        "saved_shapes": [list(t.shape) for t in saved],
+                    }
+                )
+            pbar.update()
+    pbar.close()
     return rows
 
 
 def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):
+    """The roofline model of every (case, mode, provider), with ratios to the floor and speedups."""
     rows = []
     for case, mode in itertools.product(cases, modes):
         group = {
@@ -127,18 +136,18 @@ def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: m
     return rows
 
 
-def run_offline(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):
-    smoke(providers)
-    print(
-        "\n2. bytes kept for backward by one training forward (measured: real autograd on the meta "
-        "device, full size; parameters and x itself excluded)"
-    )
-    mem = memory_rows(cases, providers, env)
-    print(format_table(mem, MEMORY_COLUMNS))
-    print(
-        f"\n3. modelled time on an {gpu.name} ({gpu.tflops:g} TFLOP/s, {gpu.tbps:g} TB/s): sum over each "
-        f"provider's passes of max(FLOPs/peak, bytes/bandwidth) — a limit, not a measurement"
-    )
+def run_offline(cases, providers, modes, gpu: model.GPUSpec, env: dict, progress: bool = True):
+    """(rows for the results file, smoke rows, table sections for the tables file)."""
+    checks = smoke(providers)
+    mem = memory_rows(cases, providers, env, progress)
     mod = model_rows(cases, providers, modes, gpu, env)
-    print(format_table(mod, MODEL_COLUMNS))
-    return mem + mod
+    sections = [
+        ("1. smoke run (CPU; fused = Triton interpreter): correctness only, no speed claims", checks,
+         SMOKE_COLUMNS),
+        ("2. bytes kept for backward by one training forward (measured: real autograd on the meta device, "
+         "full size; parameters and x itself excluded)", mem, MEMORY_COLUMNS),
+        (f"3. MODELLED time on an {gpu.name} ({gpu.tflops:g} TFLOP/s, {gpu.tbps:g} TB/s): sum over each "
+         f"provider's passes of max(FLOPs/peak, bytes/bandwidth) — a limit, not a measurement", mod,
+         MODEL_COLUMNS),
+    ]  # fmt: skip
+    return mem + mod, checks, sections

@@ -1,6 +1,6 @@
 """Write docs/benchmarks.md from results files: the issue's targets, then ratio to the floor per rank.
 
-    python -m fused_lora.bench.report bench/results/<gpu>.jsonl [more files] [--out docs/benchmarks.md]
+    python -m fused_lora.bench.report bench/results/local/<gpu>.jsonl [more files] [--out docs/benchmarks.md]
 
 Measured rows (``speed_valid``) are used where present; otherwise the modelled (roofline) columns, and
 the page says so at the top of every table.
@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .options import results_file
 
 REF = {"shape": "attn-7b", "M": 8192, "r": 16}
 PROVIDERS = ("fused", "peft", "addmm", "floor")
@@ -165,9 +167,9 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", type=Path, nargs="+")
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    ap = argparse.ArgumentParser(prog="python -m fused_lora.bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=results_file, nargs="+", help="results files (JSON lines), later ones win")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="the page (default: %(default)s)")
     ns = ap.parse_args(argv)
     rows = load(ns.results)
     if not rows:

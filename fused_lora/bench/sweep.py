@@ -7,11 +7,12 @@ import itertools
 import torch
 
 from . import model
-from .cli import format_table, modelled
 from .measure import nbytes, peak_bytes, saved_for_backward, time_ms
+from .progress import bar
 from .providers import Case, NotApplicable, build, make_weights
+from .tables import Column, modelled
 
-COLUMNS = [
+COLUMNS: list[Column] = [
     ("M", "M", "d"),
     ("r", "r", "d"),
     ("p", "dropout", "g"),
@@ -31,15 +32,6 @@ COLUMNS = [
 ]
 
 
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="provider", dynamic_ncols=True)
-    except ImportError:
-        return None
-
-
 def measure_case(
     case: Case, providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict, rep: int, progress=None
 ) -> list[dict]:
@@ -57,7 +49,7 @@ def measure_case(
         except NotApplicable as e:
             rows += [{**base, "mode": m, "note": f"n/a: {e}", **modelled(case, name, m, gpu)} for m in modes]
             if progress is not None:
-                progress.update(1)
+                progress.update()
             continue
         exclude = [*prov.module.parameters(), prov.x]
         saved = nbytes(saved_for_backward(prov.forward, exclude))  # also leaves prov.y for "bwd"
@@ -89,7 +81,7 @@ def measure_case(
         del prov
         torch.cuda.empty_cache()
         if progress is not None:
-            progress.update(1)
+            progress.update()
     add_ratios(rows)
     return rows
 
@@ -108,22 +100,26 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def run_sweep(
-    cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict, rep: int
-) -> list[dict]:
-    progress = _progress(len(cases) * len(providers))
+    cases: list[Case],
+    providers: list[str],
+    modes: list[str],
+    gpu: model.GPUSpec,
+    env: dict,
+    rep: int,
+    progress: bool = True,
+) -> tuple[list[dict], list[tuple[str, list[dict], list[Column]]]]:
+    """(rows, one table section per shape for the tables file)."""
+    pbar = bar(len(cases) * len(providers), "measuring", progress)
     rows: list[dict] = []
-    for shape, group in itertools.groupby(cases, key=lambda c: (c.shape, c.K, c.N)):
+    sections = []
+    for (name, K, N), group in itertools.groupby(cases, key=lambda c: (c.shape, c.K, c.N)):
         shape_rows = []
         for case in group:
-            shape_rows += measure_case(case, providers, modes, gpu, env, rep, progress)
+            pbar.set_postfix_str(f"{name} M={case.M} r={case.r} p={case.dropout:g}")
+            shape_rows += measure_case(case, providers, modes, gpu, env, rep, pbar)
         rows += shape_rows
-        _print_shape(shape, shape_rows)
-    if progress is not None:
-        progress.close()
-    return rows
-
-
-def _print_shape(shape: tuple, rows: list[dict]) -> None:
-    name, K, N = shape
-    print(f"\n== {name}: K={K} -> N={N}, {rows[0]['dtype']} (adapters {rows[0]['adapter_dtype']}) ==")
-    print(format_table(rows, COLUMNS))
+        head = shape_rows[0]
+        sections.append((f"== {name}: K={K} -> N={N}, {head['dtype']} (adapters {head['adapter_dtype']}) ==",
+                         shape_rows, COLUMNS))  # fmt: skip
+    pbar.close()
+    return rows, sections

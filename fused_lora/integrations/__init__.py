@@ -1,4 +1,5 @@
-"""Drop-in integrations: plain nn.Modules (the loralib way), Hugging Face PEFT models, PEFT's files."""
+"""Drop-in integrations: plain nn.Modules (the loralib way), Hugging Face PEFT models, PEFT's files, and
+``AdapterCheckpointCallback`` for transformers' Trainer (imported on first use: it needs transformers)."""
 
 from .adapter_io import load_adapter, save_adapter
 from .inject import (
@@ -24,3 +25,11 @@ __all__ = [
     "unmerge_lora",
     "unpatch_peft_model",
 ]
+
+
+def __getattr__(name: str):
+    if name == "AdapterCheckpointCallback":
+        from .trainer import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,12 @@ loads back with the rank it was saved from. Only convolutions PEFT adapts the sa
 groups = 1, dilation 1, padding_mode "zeros" (PEFT's lora_A convolution ignores the others); anything
 else is a ValueError. Per-module ranks and alphas go through ``rank_pattern`` / ``alpha_pattern``, alphas
 converted so that every module keeps its scaling under the config's one ``use_rslora``.
+
+Distributed: a DDP-wrapped model is unwrapped (its ``module.`` prefix is not part of the names), and only
+rank 0 writes files (calling ``save_adapter`` on every rank or on rank 0 alone both work). Under FSDP2 the
+adapters are gathered, so ``save_adapter`` is a collective there: every rank calls it, rank 0 writes, and
+every rank returns once the files exist. ``load_adapter`` reads the files on every rank and copies each
+rank's block into the sharded adapters (inject LoRA before ``fully_shard``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..conv import _ConvLoRA, check_kernel_size
+from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all, unwrap
 from ..embedding import Embedding
 from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module, wrap_module
 from .peft_conv import conv_from_peft, conv_to_peft
@@ -82,8 +89,9 @@ def _check_conv(name: str, conv: nn.Module) -> int:
 
 
 def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], float | None]:
-    """(PEFT rank, {key suffix: tensor}, dropout or None) for one of our layers."""
-    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    """(PEFT rank, {key suffix: tensor}, dropout or None) for one of our layers. Under FSDP2 the adapters
+    are gathered (a collective: every rank exports every layer, in the same order)."""
+    a, b = full(layer.lora_A.detach()), full(layer.lora_B.detach())
     if isinstance(layer, Embedding):
         return layer.r, {"lora_embedding_A": a, "lora_embedding_B": b}, None
     if isinstance(layer, _ConvLoRA):
@@ -108,13 +116,18 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the model's LoRA layers (LoRALinear, Embedding, Conv1d/2d/3d) as a PEFT LoRA adapter;
-    returns the directory. Checked before anything is written."""
+    returns the directory. Checked before anything is written.
+
+    Collective under FSDP2 (every rank calls; rank 0 writes); elsewhere only rank 0 writes."""
     from safetensors.torch import save_file
 
+    model = unwrap(model)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRALinear, Embedding or Conv1d/2d/3d layers to save (inject_lora first)")
-    exported = {n: _export(n, m) for n, m in layers.items()}
+    sharded = is_sharded(model)
+    reshard_all(model)
+    exported = {n: _export(n, m) for n, m in layers.items()}  # the same order on every rank
     rslora = _most_common(m.use_rslora for m in layers.values())
     ranks = {n: e[0] for n, e in exported.items()}
     alphas = {n: rescale_alpha(m.lora_alpha, m.r, m.use_rslora, ranks[n], rslora) for n, m in layers.items()}
@@ -143,9 +156,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         for suffix, t in parts.items():
             tensors[f"{PREFIX}{name}.{suffix}"] = t.contiguous().cpu()
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if sharded:
+        barrier()
     return out
 
 
@@ -227,6 +243,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     get the file's adapters. Returns the module names.
 
     Everything is checked before anything changes: a wrong file leaves the model as it was."""
+    model = unwrap(model)
     config, state = _read(Path(directory))
     adapters = _adapter_modules(state)
     existing = dict(lora_layers(model))
@@ -260,10 +277,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             )  # fmt: skip
             replace_module(model, n, layer)
         mark_only_lora_as_trainable(model)
-    with torch.no_grad():
-        for n in names:
-            layer = model.get_submodule(n)
-            a, b, _ = loaded[n]
-            layer.lora_A.copy_(a.to(layer.lora_A.device, layer.lora_A.dtype))
-            layer.lora_B.copy_(b.to(layer.lora_B.device, layer.lora_B.dtype))
+    for n in names:
+        layer = model.get_submodule(n)
+        a, b, _ = loaded[n]
+        was_merged = layer.merged
+        layer.unmerge()  # W's merge follows the adapters it holds
+        copy_full_into(layer.lora_A, a)
+        copy_full_into(layer.lora_B, b)
+        if was_merged:
+            layer.merge()
     return names

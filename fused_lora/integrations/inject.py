@@ -6,6 +6,10 @@
     torch.save(lora_state_dict(model), path)  # loralib's helper: only the adapters
     merge_lora(model); unmerge_lora(model)    # every LoRA layer, exact round trip
 
+Defaults follow PEFT's ``LoraConfig`` (r = 8, lora_alpha = 8, no dropout), not loralib's ``lora.Linear``
+(r = 0, lora_alpha = 1): ``inject_lora`` plays the part of ``get_peft_model``. ``merge_weights`` is off
+by default (``eval()`` does not merge; :func:`merge_lora` does, on request).
+
 `target_modules` follows PEFT: a string is a regular expression matched against the whole module name;
 a list matches names equal to an entry or ending in "." + entry; "all-linear" takes every nn.Linear but
 the model's output layer. Embeddings get no dropout (loralib's and PEFT's have none); an embedding or
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from ..conv import Conv1d, Conv2d, Conv3d, _ConvLoRA
+from ..distributed import full, reshard_all
 from ..embedding import Embedding
 from ..layer import LoRALinear
 
@@ -142,7 +147,7 @@ def inject_lora(
     model: nn.Module,
     target_modules,
     r: int = 8,
-    lora_alpha: float = 16,
+    lora_alpha: float = 8,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
     exclude_modules=None,
@@ -198,21 +203,26 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """loralib's helper: the adapters' entries of model.state_dict() (and biases, per `bias`)."""
+    """loralib's helper: the adapters' entries of model.state_dict() (and biases, per `bias`).
+
+    Under FSDP2 the entries are gathered into whole tensors: a collective (every rank calls it, every rank
+    gets the whole adapters; save them from rank 0)."""
     _check_bias(bias)
+    reshard_all(model)
     state = model.state_dict()
     if bias == "none":
-        return {k: v for k, v in state.items() if "lora_" in k}
-    if bias == "all":
-        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
-    out = {}
-    for k, v in state.items():
-        if "lora_" in k:
-            out[k] = v
-            bias_name = k.split("lora_")[0] + "bias"
-            if bias_name in state:
-                out[bias_name] = state[bias_name]
-    return out
+        out = {k: v for k, v in state.items() if "lora_" in k}
+    elif bias == "all":
+        out = {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
+    else:
+        out = {}
+        for k, v in state.items():
+            if "lora_" in k:
+                out[k] = v
+                bias_name = k.split("lora_")[0] + "bias"
+                if bias_name in state:
+                    out[bias_name] = state[bias_name]
+    return {k: full(v) for k, v in out.items()}
 
 
 def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -221,7 +231,9 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRA layer (W += ΔW, fp32 arithmetic, exact round trip); returns how many."""
+    """Merge every LoRA layer (W += ΔW, fp32 arithmetic, exact round trip); returns how many. A
+    collective under FSDP2 (every rank calls it): each rank merges its block of each weight."""
+    reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.merge()
@@ -229,7 +241,8 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def unmerge_lora(model: nn.Module) -> int:
-    """Undo :func:`merge_lora` exactly; returns how many layers."""
+    """Undo :func:`merge_lora` exactly; returns how many layers (a collective under FSDP2, as merging)."""
+    reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.unmerge()

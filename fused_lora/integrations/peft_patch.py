@@ -13,6 +13,13 @@ parameter names, ``state_dict``, ``save_pretrained`` / ``from_pretrained``, adap
 and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass hands anything it
 cannot serve (several active adapters, ``adapter_names=`` mixed batches, merged or disabled adapters,
 extra arguments, dtype combinations the kernels do not take) back to PEFT's forward.
+
+- Layers added later are patched too: ``add_adapter`` / ``load_adapter`` on new target modules go through
+  the tuner's ``inject_adapter``, which a patched model runs through :class:`PatchNewLayers` (the new
+  ``lora.Linear`` layers are patched, the others reported, at INFO on the "fused_lora" logger).
+- A patched layer prints as PEFT's ``lora.Linear(...)`` does.
+- Patched models pickle and load in a new process: ``FusedLoraLinear`` is importable from this module
+  by name (created on first access, so importing fused_lora does not import peft).
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ def _fused_class():
 
         class FusedLoraLinear(base):
             """PEFT's lora.Linear, running the fused kernels whenever they can serve the call."""
+
+            def _get_name(self) -> str:  # repr: "lora.Linear(...)", as PEFT prints the layer
+                return base.__name__
 
             def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 adapter = _servable_adapter(self, x, args, kwargs)
@@ -122,6 +132,37 @@ def _fused_embedding_class():
         globals()["FusedLoraEmbedding"] = FusedLoraEmbedding
         _FUSED_EMBEDDING_CLASS = FusedLoraEmbedding
     return _FUSED_EMBEDDING_CLASS
+
+
+def __getattr__(name: str):
+    """``FusedLoraLinear`` / ``FusedLoraEmbedding`` on first access (pickle looks classes up by module and
+    name, in a process that never patched anything)."""
+    if name == "FusedLoraLinear":
+        return _fused_class()
+    if name == "FusedLoraEmbedding":
+        return _fused_embedding_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class PatchNewLayers:
+    """Stands in for a PEFT tuner's ``inject_adapter`` once its model is patched: runs the tuner's own,
+    then patches the ``lora.Linear`` layers it created (``add_adapter`` on new target modules). A
+    module-level class, not a closure, so the model still pickles."""
+
+    def __init__(self, tuner: nn.Module) -> None:
+        self.tuner = tuner
+
+    def __call__(self, *args, **kwargs):
+        out = type(self.tuner).inject_adapter(self.tuner, *args, **kwargs)
+        report = _patch_layers(self.tuner)
+        log.info("after inject_adapter (add_adapter / load_adapter): %s", report)
+        return out
+
+
+def _tuners(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return [m for m in model.modules() if isinstance(m, BaseTuner)]
 
 
 def _base_weight(layer) -> torch.Tensor:
@@ -217,17 +258,25 @@ def _lora_layers(model: nn.Module):
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
-    """Make every PEFT LoRA Linear and Embedding layer of `model` that the kernels can serve run them.
-    Idempotent."""
-    layers = _lora_layers(model)
-    if not layers:
+    """Make every PEFT LoRA Linear and Embedding layer of `model` that the kernels can serve run them,
+    now and when adapters are added later. Idempotent."""
+    if not _lora_layers(model):
         raise ValueError(
             f"{type(model).__name__} has no PEFT LoRA layers (wrap it with peft.get_peft_model "
             f"first, or use fused_lora.inject_lora on a plain model)"
         )
+    report = _patch_layers(model)
+    for tuner in _tuners(model):
+        if not isinstance(tuner.__dict__.get("inject_adapter"), PatchNewLayers):
+            tuner.inject_adapter = PatchNewLayers(tuner)
+    log.info("%s", report)
+    return report
+
+
+def _patch_layers(model: nn.Module) -> PatchReport:
     fused = {_peft_lora().Linear: _fused_class(), _peft_lora().Embedding: _fused_embedding_class()}
     report = PatchReport()
-    for name, layer in layers:
+    for name, layer in _lora_layers(model):
         if type(layer) in fused.values():
             report.already_patched.append(name)
         elif (why := _static_reason(layer)) is not None:
@@ -235,12 +284,15 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         else:
             layer.__class__ = fused[type(layer)]
             report.patched.append(name)
-    log.info("%s", report)
     return report
 
 
 def unpatch_peft_model(model: nn.Module) -> int:
-    """Give every patched layer PEFT's own forward back; returns how many."""
+    """Give every patched layer PEFT's own forward back (and the tuners their own inject_adapter);
+    returns how many layers."""
+    for tuner in _tuners(model):
+        if isinstance(tuner.__dict__.get("inject_adapter"), PatchNewLayers):
+            del tuner.__dict__["inject_adapter"]
     peft_cls = {_fused_class(): _peft_lora().Linear, _fused_embedding_class(): _peft_lora().Embedding}
     n = 0
     for _, layer in _lora_layers(model):

@@ -1,0 +1,256 @@
+"""Two-process runs for tests/test_distributed.py: gloo on 127.0.0.1, a free port, CPU tensors.
+
+`run(worker, *args)` spawns two processes, each sets up the process group and calls ``worker(rank,
+*args)``; an assertion in either fails the test with its traceback, a hang fails it after `timeout`.
+The workers live here, not in the test file, so the spawned processes import only this small module.
+Each builds the same tiny model from the same seed; rank r takes rows r::2 of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+WORLD = 2
+IN, HIDDEN, OUT, R = 21, 25, 13, 3  # odd: FSDP2's shards are uneven
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, worker, port: int, args: tuple) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the kernels run through Triton's interpreter
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        worker(rank, *args)
+        dist.barrier()  # no collective left in flight when the group goes
+    finally:
+        dist.destroy_process_group()
+
+
+def run(worker, *args, timeout: float = 120.0) -> None:
+    ctx = mp.start_processes(_entry, args=(worker, free_port(), args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{worker.__name__} did not finish in {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------- the model and the data
+
+
+def tiny_model(dtype=torch.float32, merge_weights=False) -> nn.Module:
+    """Two LoRALinear layers (one stored fan_in_fan_out) with non-zero B, so every gradient is non-zero."""
+    import fused_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        fused_lora.LoRALinear(IN, HIDDEN, R, 8, merge_weights=merge_weights, dtype=dtype),
+        nn.ReLU(),
+        fused_lora.LoRALinear(HIDDEN, OUT, R, 8, fan_in_fan_out=True, merge_weights=merge_weights, dtype=dtype),
+    )
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.lora_B.normal_(std=0.3)
+    return model
+
+
+def data(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(8, 3, IN, generator=g).to(dtype), torch.randn(8, 3, OUT, generator=g).to(dtype)
+
+
+def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
+    nn.functional.mse_loss(model(x), target).backward()
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    from fused_lora.distributed import full
+
+    return {n: full(p.grad) for n, p in model.named_parameters() if "lora_" in n}
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)  # its own unit (resharded after forward) ...
+    fully_shard(model, mesh=mesh)  # ... and the root, which holds model[2] (kept unsharded after forward)
+    return model
+
+
+@contextlib.contextmanager
+def _kernels_launched(backend: str):
+    """With the triton backend, the block must launch the fused kernels (2 layers: 2 shrinks, 2 grads)."""
+    from fused_lora.kernels import LAUNCHES
+
+    before = LAUNCHES.copy()
+    yield
+    if backend == "triton":
+        launched = LAUNCHES - before
+        assert launched["_shrink_kernel"] == 2 and launched["_lora_grad_kernel"] == 2, launched
+
+
+def _assert_grads_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and len(got) == 4
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- workers
+
+
+def ddp_gradients(rank: int, backend: str) -> None:
+    """DDP over the fused layers: the averaged gradients equal one process's on the whole batch."""
+    import fused_lora
+
+    x, target = data()
+    with fused_lora.use_backend(backend):
+        single = tiny_model()
+        step(single, x, target)
+        model = nn.parallel.DistributedDataParallel(tiny_model())
+        with _kernels_launched(backend):
+            step(model, x[rank::WORLD], target[rank::WORLD])
+    _assert_grads_equal(lora_grads(model.module), lora_grads(single))
+
+
+def fsdp_gradients(rank: int, backend: str) -> None:
+    """FSDP2 over the fused layers: the reduce-scattered gradients, gathered, equal one process's."""
+    import fused_lora
+
+    x, target = data()
+    with fused_lora.use_backend(backend):
+        single = tiny_model()
+        step(single, x, target)
+        model = shard(tiny_model())
+        with _kernels_launched(backend):
+            step(model, x[rank::WORLD], target[rank::WORLD])
+    _assert_grads_equal(lora_grads(model), lora_grads(single))
+
+
+def fsdp_merge(rank: int) -> None:
+    """merge_lora / unmerge_lora and eval() / train() with merge_weights on sharded weights: the merged
+    model computes what the unmerged one does, and every round trip restores W bit for bit — also when
+    the root unit kept its parameters unsharded after a no-grad forward."""
+    import fused_lora
+    from fused_lora.distributed import full, is_dtensor
+
+    x, _ = data()
+    with fused_lora.use_backend("reference"):
+        reference = tiny_model(merge_weights=True).eval()  # merged in one process
+        model = shard(tiny_model(merge_weights=True))
+        w0 = {n: full(p).clone() for n, p in model.named_parameters() if n.endswith("weight")}
+        with torch.no_grad():
+            unmerged = model(x)
+        assert fused_lora.merge_lora(model) == 2
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            if n.endswith("weight"):  # each rank merged its block: the whole equals a one-process merge
+                torch.testing.assert_close(full(p), reference.get_parameter(n), rtol=1e-6, atol=1e-7)
+        assert fused_lora.unmerge_lora(model) == 2
+        _assert_weights_equal(model, w0)
+
+        model.eval()  # merge_weights: merges
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+        assert not is_dtensor(model[2].weight), "the root unit keeps unsharded copies after a no-grad forward"
+        model.train()  # unmerges: must reach the sharded weights FSDP keeps, not only those copies
+        _assert_weights_equal(model, w0)
+        model(x).sum().backward()  # a training step re-gathers the weights: still the original ones
+        _assert_weights_equal(model, w0)
+
+        model.eval()
+        records = sum(m._merge_record.index.numel() for m in (model[0], model[2]))
+        counts = [None] * WORLD
+        dist.all_gather_object(counts, records)
+        assert sum(counts) > 0, "plain rounding would have restored W: this run does not test exactness"
+        model.train()
+        _assert_weights_equal(model, w0)
+
+
+def _assert_weights_equal(model: nn.Module, w0: dict) -> None:
+    from fused_lora.distributed import full
+
+    for n, p in model.named_parameters():
+        if n.endswith("weight"):
+            changed = (full(p) != w0[n]).sum().item()
+            assert changed == 0, f"{n}: {changed} elements differ from the original weight"
+
+
+def fsdp_adapter_files(rank: int, directory: str) -> None:
+    """lora_state_dict gathers whole tensors; save_adapter is collective, rank 0 writes; load_adapter
+    fills a fresh sharded model and a fresh one-process model with the same adapters."""
+    import fused_lora
+
+    x, _ = data()
+    with fused_lora.use_backend("reference"):
+        trained = tiny_model()
+        model = shard(copy.deepcopy(trained))
+        state = fused_lora.lora_state_dict(model)
+        assert state.keys() == fused_lora.lora_state_dict(trained).keys()
+        for k, v in fused_lora.lora_state_dict(trained).items():
+            assert type(v) is torch.Tensor and torch.equal(state[k], v), k
+
+        fused_lora.save_adapter(model, directory)  # every rank returns once the files are there
+        assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+        plain = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT))
+        with torch.no_grad():  # the same base weights as `trained` (stored [in, out] there for layer 2)
+            plain[0].weight.copy_(trained[0].weight)
+            plain[0].bias.copy_(trained[0].bias)
+            plain[2].weight.copy_(trained[2].weight.t())
+            plain[2].bias.copy_(trained[2].bias)
+        assert fused_lora.load_adapter(plain, directory) == ["0", "2"]
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+
+        fresh = tiny_model()
+        with torch.no_grad():
+            for m in (fresh[0], fresh[2]):
+                m.lora_A.zero_(), m.lora_B.zero_()
+        fresh = shard(fresh)
+        fused_lora.load_adapter(fresh, directory)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), trained(x), rtol=1e-5, atol=1e-5)
+        for k, v in fused_lora.lora_state_dict(fresh).items():
+            assert torch.equal(v, state[k]), k
+
+
+# ---------------------------------------------------------------- one spawn per test (imports cost seconds)
+
+
+def gradients(rank: int) -> None:
+    ddp_gradients(rank, "triton")
+    fsdp_gradients(rank, "triton")
+
+
+def sharded_state(rank: int, directory: str) -> None:
+    fsdp_merge(rank)
+    fsdp_adapter_files(rank, directory)

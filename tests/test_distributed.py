@@ -1,0 +1,38 @@
+"""DDP and FSDP2 with the fused layers, two processes on the CPU (gloo, 127.0.0.1, a free port).
+
+Each test is one spawn of two processes (starting one costs seconds of imports); the workers, in
+tests/dist_workers.py, check several things in turn:
+- gradients: DDP's averaged gradients and FSDP2's reduce-scattered ones equal a single process's on the
+  whole batch, with the kernels running (Triton's interpreter);
+- sharded state: merge_lora / unmerge_lora and eval() / train() with merge_weights on FSDP2's DTensors,
+  bit-exact round trips (also when the root unit kept unsharded copies after a no-grad forward);
+  lora_state_dict gathers whole tensors; save_adapter (collective, rank 0 writes) and load_adapter into a
+  sharded and a one-process model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+import dist_workers
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+
+@pytest.fixture(autouse=True)
+def _fsdp2():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+
+
+def test_ddp_and_fsdp2_gradients_equal_one_process():
+    dist_workers.run(dist_workers.gradients)
+
+
+def test_fsdp2_merge_unmerge_state_dict_and_adapter_files(tmp_path):
+    dist_workers.run(dist_workers.sharded_state, str(tmp_path / "adapter"))
