@@ -3,7 +3,8 @@
     y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ,   s = lora_alpha / r
 
 - :func:`lora_linear` — the functional form (an autograd Function over the kernels).
-- :class:`LoRALinear` — a drop-in for loralib's ``lora.Linear``.
+- :class:`LoRALinear` — a drop-in for loralib's ``lora.Linear``; :class:`MergedLinear` for its
+  ``lora.MergedLinear`` (fused q/k/v: one pass over x for every group's adapter).
 - :class:`Embedding`, :class:`Conv1d` / :class:`Conv2d` / :class:`Conv3d` — drop-ins for loralib's
   (the embedding's lookup and low-rank term in one kernel; :func:`lora_embedding` its functional form).
 - :mod:`fused_lora.reference` — the same math in plain PyTorch (the spec, and the CPU path).
@@ -36,6 +37,7 @@ from .integrations import (
     unpatch_peft_model,
 )
 from .layer import LoRALinear
+from .merged import MergedLinear
 
 __version__ = "0.1.0"
 
@@ -57,6 +59,7 @@ __all__ = [
     "InjectReport",
     "LoRALinear",
     "LoRALinearFunction",
+    "MergedLinear",
     "PatchReport",
     "__version__",
     "get_backend",

@@ -127,13 +127,14 @@ def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshol
     dropout; per slice with it), bias, and the store in SUBTILES slices (1, 2 or 4).
 
     HAS_GROUPS (MergedLinear, fused q/k/v): output columns come in groups of `group_n`; group q uses rank
-    columns groups[q] .. groups[q + 1] of L (none for a disabled group), so the tile multiplies only the
-    rank columns of the groups its columns touch (a tile may straddle two groups)."""
+    columns groups[q] .. groups[q + 1] of L (none for a disabled group) and R is zero outside them, so the
+    tile walks only the R_CHUNK slices of rank columns that hold the groups its columns touch (a tile may
+    straddle two groups): with three groups of r = 16, a tile inside one group does a third of the work."""
     if not DROPOUT:
         r_lo = 0
         r_hi = R
-        if HAS_GROUPS:
-            r_lo = tl.load(groups_ptr + off_n // group_n)
+        if HAS_GROUPS:  # from the first group's first rank column, down to a slice start (TMA alignment)
+            r_lo = tl.load(groups_ptr + off_n // group_n) // R_CHUNK * R_CHUNK
             r_hi = tl.load(groups_ptr + (tl.minimum(off_n + BLOCK_N, N) - 1) // group_n + 1)
         acc = add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, stride_lr, stride_rr,
                            stride_rn, BLOCK_N, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)

@@ -159,7 +159,8 @@ def lora_gemm(
     timed on first use of the problem (:mod:`kernels.tuning`). `lora_dtype`: the adapters' dtype when r
     was cast or copied from them (default r's). `groups` = (group_n, bounds) for grouped adapters
     (MergedLinear): output column n belongs to group q = n // group_n, whose rank columns are
-    bounds[q] .. bounds[q + 1] (int32 [groups + 1] on the device; r must be zero outside them).
+    bounds[q] .. bounds[q + 1] (int32 [groups + 1] on the device); r must be zero outside them (the
+    kernel skips the rank slices a tile's groups do not use, which is only right when it is).
     """
     M, K = p.shape
     N = q.shape[1]

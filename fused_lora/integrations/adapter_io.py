@@ -40,6 +40,7 @@ import torch.nn as nn
 from ..conv import _ConvLoRA, check_kernel_size
 from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all, unwrap
 from ..embedding import Embedding
+from ..merged import MergedLinear
 from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module, wrap_module
 from .peft_conv import conv_from_peft, conv_to_peft
 
@@ -102,6 +103,8 @@ def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], 
         a_p = a_p.reshape(a_p.shape[0], conv.in_channels, *conv.kernel_size)
         tensors = {"lora_A.weight": a_p, "lora_B.weight": b_p.reshape(*b_p.shape, *ones)}
         return a_p.shape[0], tensors, layer.lora_dropout_p
+    if isinstance(layer, MergedLinear):  # PEFT's rank r·g adapter with the block-structured B
+        return a.shape[0], {"lora_A.weight": a, "lora_B.weight": layer.block_b(b)}, layer.lora_dropout_p
     return layer.r, {"lora_A.weight": a, "lora_B.weight": b}, layer.lora_dropout_p
 
 
@@ -231,6 +234,8 @@ def _import(name: str, module: nn.Module, embedding: bool, a: torch.Tensor, b: t
             f"{name}: adapter shapes A {list(a.shape)}, B {list(b.shape)} do not fit a {type(base).__name__} "
             f"with these weights (expected A {list(want[0])}, B {list(want[1])})"
         )
+    if isinstance(module, MergedLinear):
+        return a, module.split_block_b(b), module.r
     if isinstance(base, (nn.Embedding, nn.Linear)):
         return a, b, r
     a2, b2 = conv_from_peft(a.reshape(r, -1), b.reshape(b.shape[0], r), k)
