@@ -49,7 +49,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device) -> str:
     """'triton' or 'reference' for tensors on `device`. Under torch.compile it is read once, when a
     graph is traced, and baked into it (switching backends afterwards needs ``torch._dynamo.reset()``)."""
@@ -63,3 +62,10 @@ def resolve_backend(device: torch.device) -> str:
             f"Triton's interpreter, or use the 'reference' backend"
         )
     return name
+
+
+# What torch.compiler.assume_constant_result(resolve_backend) does — dynamo calls it at trace time and
+# treats the result as a constant (its contextvar read is not traceable) — without importing torch._dynamo
+# here: that imports triton, and a CPU user who sets TRITON_INTERPRET=1 after `import fused_lora` would
+# then get compiled, not interpreted, helpers (tests/test_bench_cli.py checks the import stays light).
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fused_lora.bench import cli, options, plots
 from fused_lora.bench.model import PROVIDERS
@@ -92,3 +93,29 @@ def test_without_a_gpu_the_plots_show_modelled_time_and_saved_bytes(tmp_path):
     with pytest.raises(SystemExit):
         plots.main([str(tmp_path / "missing.jsonl")])
     assert json.loads(out.read_text().splitlines()[0])["gpu"] == "none"
+
+
+def test_the_main_job_runs_as_a_newcomer_starts_it(tmp_path):
+    """`python -m fused_lora.bench` in a fresh process with TRITON_INTERPRET unset (as a user starts it,
+    unlike this test session): it sets the interpreter itself before the kernels are imported, so the
+    smoke run goes through the interpreter. Importing fused_lora must not import triton first (it did,
+    through torch._dynamo, and every kernel helper came out compiled instead of interpreted)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    light = subprocess.run(
+        [sys.executable, "-c", "import sys, fused_lora; print('triton' in sys.modules)"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert light.stdout.strip() == "False", light.stderr[-2000:]
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the main job measures, which is not this test's business")
+    out = tmp_path / "rows.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "fused_lora.bench", "--shapes", "attn-7b", "--ranks", "16", "--dropout", "0.1",
+         "--no-plots", "--no-progress", "--out", str(out)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "FAILED" not in run.stdout and out.exists()
