@@ -31,7 +31,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import reference_layers
 from .backend import interpreting, resolve_backend
@@ -54,13 +53,14 @@ def _shape(t: torch.Tensor) -> str:
 
 def check_indices(idx, num_embeddings: int, name: str = "input") -> None:
     """TypeError unless `idx` is an int64/int32 tensor; IndexOutOfRangeError for an index outside
-    [0, num_embeddings) (one min/max read; skipped on the meta device and under CUDA graph capture)."""
+    [0, num_embeddings) (one min/max read; skipped on the meta device, under CUDA graph capture and inside
+    torch.compile, where the kernel gives rows of zeros for such an index instead of reading out of bounds)."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of indices, got {type(idx).__name__}")
     if idx.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold int64 or int32 indices (as nn.Embedding requires), got {idx.dtype}")
-    if idx.numel() == 0 or idx.device.type == "meta":
-        return
+    if idx.numel() == 0 or idx.device.type == "meta" or torch.compiler.is_compiling():
+        return  # no values to read (meta), or reading them would break the compiled graph
     if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = (int(v) for v in torch.aminmax(idx))
@@ -118,37 +118,80 @@ def _k():
     return _kernels
 
 
-class LoRAEmbeddingFunction(torch.autograd.Function):
-    """autograd over the embedding kernels; use :func:`lora_embedding`, which checks the inputs."""
+@torch.library.custom_op("fused_lora::lora_embedding_fwd", mutates_args=())
+def _embedding_fwd(idx: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   scaling: float, padding_idx: int, scale_grad_by_freq: bool,
+                   deterministic: bool) -> torch.Tensor:  # fmt: skip
+    """y [T, D] = W[idx] + s·A[:, idx]ᵀ·Bᵀ for flat indices idx [T] (one kernel); padding_idx (-1: none)
+    and scale_grad_by_freq are for the backward."""
+    return _k().lora_embedding_forward(idx, weight, lora_A, lora_B, scaling, deterministic=deterministic)
+
+
+@_embedding_fwd.register_fake
+def _(idx, weight, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq, deterministic):
+    return weight.new_empty((idx.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("fused_lora::lora_embedding_bwd", mutates_args=())
+def _embedding_bwd(dy: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   padding_idx: int, counts: torch.Tensor | None, need_A: bool, need_B: bool,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dA [r, V], dB [D, r]) in the adapters' dtype, each an empty tensor when not needed
+    (padding_idx -1: none)."""
+    dA, dB = _k().lora_embedding_backward(
+        dy, idx, lora_A, lora_B, scaling, padding_idx=None if padding_idx < 0 else padding_idx, counts=counts,
+        need_dA=need_A, need_dB=need_B, deterministic=deterministic,
+    )  # fmt: skip
+    return (
+        dA.to(lora_A.dtype) if need_A else lora_A.new_empty(0),
+        dB.to(lora_B.dtype) if need_B else lora_B.new_empty(0),
+    )
+
+
+@_embedding_bwd.register_fake
+def _(dy, idx, lora_A, lora_B, scaling, padding_idx, counts, need_A, need_B, deterministic):
+    return lora_A.new_empty(lora_A.shape if need_A else (0,)), lora_B.new_empty(lora_B.shape if need_B else (0,))
+
+
+def _embedding_setup(ctx, inputs, output) -> None:
+    idx, weight, lora_A, lora_B, scaling, padding_idx, freq, deterministic = inputs
+    ctx.save_for_backward(idx, lora_A, lora_B)
+    ctx.scaling, ctx.deterministic, ctx.num_embeddings = scaling, deterministic, weight.shape[0]
+    ctx.padding_idx, ctx.freq = padding_idx, freq
+
+
+def _embedding_backward(ctx, dy):
+    idx, lora_A, lora_B = ctx.saved_tensors
+    _, need_w, need_A, need_B = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward through the fused embedding is not supported (create_graph=True)")
+    V, pad, freq = ctx.num_embeddings, ctx.padding_idx, ctx.freq
+    counts = torch.bincount(idx, minlength=V) if freq and need_A else None
+    dA = dB = dW = None
+    if need_A or need_B:
+        dA, dB = torch.ops.fused_lora.lora_embedding_bwd(
+            dy, idx, lora_A, lora_B, ctx.scaling, pad, counts, need_A, need_B, ctx.deterministic
+        )
+    if need_w:  # only when the caller made the table trainable
+        dW = torch.ops.aten.embedding_dense_backward(dy, idx, V, pad, freq)
+    return None, dW, dA if need_A else None, dB if need_B else None, None, None, None, None
+
+
+torch.library.register_autograd("fused_lora::lora_embedding_fwd", _embedding_backward, setup_context=_embedding_setup)
+
+
+class LoRAEmbeddingFunction:
+    """The fused embedding with the checks already done: ``LoRAEmbeddingFunction.apply(idx, weight, lora_A,
+    lora_B, scaling, padding_idx, scale_grad_by_freq, deterministic)``, differentiable through the custom
+    operators ``fused_lora::lora_embedding_fwd`` / ``_bwd`` (what torch.compile sees)."""
 
     @staticmethod
-    def forward(ctx, idx, weight, lora_A, lora_B, scaling: float, padding_idx, scale_grad_by_freq, deterministic):
-        flat = idx.reshape(-1)
-        y = _k().lora_embedding_forward(flat, weight, lora_A, lora_B, scaling, deterministic=deterministic)
-        ctx.save_for_backward(flat, lora_A, lora_B)
-        ctx.scaling, ctx.padding_idx, ctx.freq = scaling, padding_idx, scale_grad_by_freq
-        ctx.deterministic, ctx.num_embeddings = deterministic, weight.shape[0]
+    def apply(idx, weight, lora_A, lora_B, scaling: float, padding_idx, scale_grad_by_freq, deterministic):
+        pad = -1 if padding_idx is None else padding_idx
+        y = _embedding_fwd(
+            idx.reshape(-1), weight, lora_A, lora_B, scaling, pad, bool(scale_grad_by_freq), deterministic
+        )
         return y.view(*idx.shape, weight.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        flat, lora_A, lora_B = ctx.saved_tensors
-        _, need_w, need_A, need_B = ctx.needs_input_grad[:4]
-        dy2 = dy.reshape(flat.shape[0], dy.shape[-1])
-        V = ctx.num_embeddings
-        counts = torch.bincount(flat, minlength=V) if ctx.freq and need_A else None
-        dA = dB = dW = None
-        if need_A or need_B:
-            dA, dB = _k().lora_embedding_backward(
-                dy2, flat, lora_A, lora_B, ctx.scaling, padding_idx=ctx.padding_idx, counts=counts,
-                need_dA=need_A, need_dB=need_B, deterministic=ctx.deterministic,
-            )  # fmt: skip
-        if need_w:  # only when the caller made the table trainable
-            pad = -1 if ctx.padding_idx is None else ctx.padding_idx
-            dW = torch.ops.aten.embedding_dense_backward(dy2, flat, V, pad, ctx.freq)
-        return (None, dW, dA.to(lora_A.dtype) if need_A else None, dB.to(lora_B.dtype) if need_B else None,
-                None, None, None, None)  # fmt: skip
 
 
 def lora_embedding(

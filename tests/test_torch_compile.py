@@ -104,3 +104,47 @@ def test_patched_peft_model_compiles_fullgraph(device):
     loss = compiled(**inputs).loss
     assert (LAUNCHES - before)["_shrink_kernel"] == 4
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_every_fused_layer_compiles_fullgraph(device):
+    """Embedding (its kernels as custom operators too), MergedLinear, LoRALinear and a Conv1d in one model:
+    no graph break, the same loss and gradients as eager."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = fused_lora.Embedding(50, 24, r=4, lora_alpha=8, padding_idx=0, device=device)
+            self.qkv = fused_lora.MergedLinear(
+                24, 36, r=3, lora_alpha=6, enable_lora=[True, False, True], device=device
+            )
+            self.conv = fused_lora.Conv1d(36, 12, 1, r=2, lora_alpha=4, device=device)
+            self.out = fused_lora.LoRALinear(12, 7, r=2, lora_alpha=4, device=device)
+            for m in (self.emb, self.qkv, self.conv, self.out):
+                nn.init.normal_(m.lora_B)
+
+        def forward(self, ids):
+            h = self.qkv(self.emb(ids))
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            return self.out(torch.relu(h))
+
+    torch._dynamo.reset()
+    model = Model()
+    ids = torch.tensor([[0, 3, 7, 49, 3], [1, 2, 3, 4, 5]], device=device)
+    explanation = torch._dynamo.explain(model)(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        y = m(ids)
+        y.square().sum().backward()
+        return y.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    eager = step(model)
+    before = LAUNCHES.copy()
+    got = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    ran = LAUNCHES - before
+    assert ran["_shrink_kernel"] == 2 and any("embedding" in k for k in ran), ran
+    torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == eager[1].keys()
+    for name in eager[1]:
+        torch.testing.assert_close(got[1][name], eager[1][name], rtol=1e-5, atol=1e-5, msg=name)
