@@ -36,10 +36,14 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 @triton.jit
 def round_tf32(v):
-    """fp32 -> fp32 with the low 13 mantissa bits cleared, rounded to nearest (ties away from zero).
-    inf and NaN stay what they are."""
+    """fp32 -> fp32 rounded to nearest TF32 (low 13 mantissa bits cleared, ties away from zero), what
+    ``cvt.rna.tf32.f32`` computes, by integer ops on the bits so that the interpreter runs the same code.
+    A finite value that rounds past the largest TF32 value becomes inf, inf stays inf, and a NaN stays a
+    NaN: adding half an ulp to the bits of a NaN whose payload sits in the low mantissa bits would give
+    inf, or ±0 for 0x7FFFFFFF — the canonical NaN NVIDIA GPUs produce — so NaNs bypass the rounding."""
     bits = v.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(v == v, rounded, v)
 
 
 @triton.jit
@@ -49,10 +53,17 @@ def lora_dot(a, b, acc, MODE: tl.constexpr, DTYPE: tl.constexpr):
     DTYPE is the 16-bit dtype of the NATIVE mode (ignored otherwise)."""
     if MODE == 0:  # NATIVE
         return tl.dot(a.to(DTYPE), b.to(DTYPE), acc)
+    # A 16-bit operand is exact in TF32: only fp32 operands are rounded (and split, below).
     a32 = a.to(tl.float32)
     b32 = b.to(tl.float32)
-    a_hi = round_tf32(a32)
-    b_hi = round_tf32(b32)
+    if a.dtype == tl.float32:
+        a_hi = round_tf32(a32)
+    else:
+        a_hi = a32
+    if b.dtype == tl.float32:
+        b_hi = round_tf32(b32)
+    else:
+        b_hi = b32
     acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
     if MODE == 2:  # TF32X3: add the residual terms of the operands that are not exact in TF32
         if a.dtype == tl.float32:
@@ -65,7 +76,15 @@ def lora_dot(a, b, acc, MODE: tl.constexpr, DTYPE: tl.constexpr):
 def fp32_precise() -> bool:
     """With fp32 activations, follow torch's own setting for fp32 matmuls: TF32 allowed -> one rounded
     TF32 product, otherwise fp32-level (TF32X3)."""
-    return not torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a torch without the fp32_precision API
+        return not matmul.allow_tf32
+    # Read the new setting: once it has been set, reading the legacy allow_tf32 raises in torch. It also
+    # reflects the legacy flag (allow_tf32 = True reads back "tf32"); "none" inherits the global one.
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision != "tf32"
 
 
 def main_precision(x_dtype: torch.dtype) -> str:

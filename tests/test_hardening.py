@@ -209,3 +209,56 @@ def test_bf16_under_the_interpreter_never_returns_garbage(device):
                         reference.lora_linear(x, w, a, b, 1.0, bias))  # fmt: skip
     with pytest.raises(TypeError, match="bf16 tensors under TRITON_INTERPRET"):
         fused_lora.kernels.shrink(x, a)
+
+
+@pytest.mark.parametrize("bits", [0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF])
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_nan_payloads_survive_tf32_rounding(device, bits, allow_tf32):
+    """round_tf32 adds half an ulp to the fp32 bits: a NaN whose payload sits in the low mantissa bits
+    used to become inf (0x7F800001) or even ±0 (0xFFFFFFFF, 0x7FFFFFFF) — dA and dX came back finite
+    where torch's are NaN. Every NaN of x, dY or an adapter stays NaN in every output it reaches."""
+    x, w, a, b, bias = lora_inputs(9, 20, 7, 3, device=device)
+    x.view(torch.int32)[2, 5] = bits - 2**32 if bits >= 2**31 else bits
+    assert torch.isnan(x[2, 5])
+    dy = torch.randn(9, 7, device=device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
+        with fused_lora.use_backend("triton"):
+            y = fused_lora.lora_linear(xs, w, as_, bs, 2.0, bias=bias)
+            y.backward(dy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
+    yr = reference.lora_linear(xr, w, ar, br, 2.0, bias)
+    yr.backward(dy)
+    outputs = {"y": (y, yr), "x.grad": (xs.grad, xr.grad), "lora_A.grad": (as_.grad, ar.grad)}
+    outputs["lora_B.grad"] = (bs.grad, br.grad)
+    for name, (got, want) in outputs.items():
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN pattern differs from torch's"
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision")
+@pytest.mark.parametrize("setting", ["matmul", "global"])
+def test_tf32_set_through_torchs_new_api_is_honoured(device, setting):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (the API torch's docs now recommend) used to make
+    every fp32 call raise: reading the legacy allow_tf32 flag after it is refused by torch."""
+    from fused_lora.kernels.precision import TF32, TF32X3, lora_mode
+
+    matmul = torch.backends.cuda.matmul
+    target = matmul if setting == "matmul" else torch.backends
+    before = matmul.fp32_precision, torch.backends.fp32_precision
+    x, w, a, b, bias = lora_inputs(9, 20, 7, 3, device=device)
+    try:
+        matmul.fp32_precision = "none"  # inherit the global setting (the legacy flag sets "ieee"/"tf32")
+        for value, mode in (("tf32", TF32), ("ieee", TF32X3)):
+            target.fp32_precision = value
+            assert lora_mode(torch.float32, torch.float32, kept=True)[0] == int(mode), value
+            with fused_lora.use_backend("triton"):
+                y = fused_lora.lora_linear(x, w, a, b, 2.0, bias=bias)
+            ref = reference.lora_linear(*f64(x, w, a, b), 2.0, bias.double())
+            torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-2, atol=1e-2)
+    finally:
+        torch.backends.fp32_precision = before[1]
+        matmul.fp32_precision = before[0]
