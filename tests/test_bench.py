@@ -190,7 +190,11 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     monkeypatch.setattr(sweep, "peak_bytes", lambda fn, dev: (fn(), 4096)[1])
     cases = [Case("tiny", 16, 24, 20, 4, torch.float32, torch.float32, p, device) for p in (0.0, 0.1)]
     env = {"gpu": "stub", "torch": "t", "triton": "t", "date": "d", "commit": "c"}
-    rows, sections = sweep.run_sweep(cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1)
+    sunk = []  # the CLI appends each case's rows to the results file as they come: a timeout keeps them
+    rows, sections = sweep.run_sweep(
+        cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1, sink=sunk.append
+    )
+    assert [len(batch) for batch in sunk] == [3 * len(model.PROVIDERS)] * 2 and sum(sunk, []) == rows
     for r in rows:  # give each provider its own time, then recompute the ratios
         if r.get("ms"):
             r["ms"] = fake_ms[r["provider"]]

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import run_sweep
 
         out = Path(ns.out or f"{RESULTS_DIR}/{_slug(env['gpu'])}.jsonl")
-        rows, sections = run_sweep(cases(ns, "cuda"), ns.providers, ns.modes, gpu, env, ns.rep, progress)
+        sink = lambda case_rows: _append(case_rows, out)
+        rows, sections = run_sweep(cases(ns, "cuda"), ns.providers, ns.modes, gpu, env, ns.rep, progress, sink)
         lines = summary.measured(rows, ns.providers)
         kind = "measured"
     else:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, checks, sections = run_offline(cases(ns, "meta"), ns.providers, ns.modes, gpu, env, progress)
         lines = summary.offline(rows, checks, gpu.name, ns.providers)
         kind = "saved bytes and modelled times"
-    _append(rows, out)
+        _append(rows, out)
     header = f"fused_lora benchmark, {env['date']}: GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}"
     tables = write_tables(out.with_name(out.stem + "-tables.txt"), header, sections)
     plots = [] if ns.no_plots else _plots(rows, out)

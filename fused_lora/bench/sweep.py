@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -107,8 +108,10 @@ def run_sweep(
     env: dict,
     rep: int,
     progress: bool = True,
+    sink: Callable[[list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[tuple[str, list[dict], list[Column]]]]:
-    """(rows, one table section per shape for the tables file)."""
+    """(rows, one table section per shape for the tables file); `sink` gets each case's rows as soon as
+    they are measured."""
     pbar = bar(len(cases) * len(providers), "measuring", progress)
     rows: list[dict] = []
     sections = []
@@ -116,7 +119,10 @@ def run_sweep(
         shape_rows = []
         for case in group:
             pbar.set_postfix_str(f"{name} M={case.M} r={case.r} p={case.dropout:g}")
-            shape_rows += measure_case(case, providers, modes, gpu, env, rep, pbar)
+            case_rows = measure_case(case, providers, modes, gpu, env, rep, pbar)
+            if sink is not None:  # written as each case ends: a run stopped by a timeout keeps its rows
+                sink(case_rows)
+            shape_rows += case_rows
         rows += shape_rows
         head = shape_rows[0]
         sections.append((f"== {name}: K={K} -> N={N}, {head['dtype']} (adapters {head['adapter_dtype']}) ==",
