@@ -5,7 +5,8 @@
 
 Odd sizes (no multiple of any block), every configuration of every kernel forced through the tuner
 (``--quick``: one per epilogue shape), both GEMM paths (TMA, pointers), both implementations, bf16 with
-bf16 and fp32 adapters, fp32, dropout on and off, and the deterministic kernels. Each result is
+bf16 and fp32 adapters, fp32, dropout on and off, the Embedding and MergedLinear kernels, and the
+deterministic kernels. Each result is
 checked against the fp64 reference loosely (the parity tests check tightly): a sanitizer run must also
 compute the right thing. Prints one line per family and exits 1 on any mismatch.
 """
@@ -24,12 +25,8 @@ from fused_lora.kernels import configs, tuning
 
 
 def _cases(quick: bool):
-    gemm = configs.GEMM
-    if quick:  # one per (SUBTILES, BLOCK_K): the epilogue's slice shapes and the fp32 tiles
-        firsts = {}
-        for c in configs.GEMM:
-            firsts.setdefault((c.SUBTILES, c.BLOCK_K), c)
-        gemm = list(firsts.values())
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
     for dtype, adapter in (
         (torch.bfloat16, torch.bfloat16),
         (torch.bfloat16, torch.float32),
@@ -37,6 +34,12 @@ def _cases(quick: bool):
     ):
         for p in (0.0, 0.1):
             for path in ("tma", "pointer"):
+                # only configurations the tuner admits for this variant (a forced one that is not a
+                # candidate would be ignored without a word); --quick: one per (SUBTILES, BLOCK_K)
+                e, tma = dtype.itemsize, path == "tma" and arch >= 90
+                gemm = [c for c in configs.GEMM if configs.keep_gemm(c, e, p > 0, arch, tma, adapter.itemsize)]
+                if quick:
+                    gemm = list({(c.SUBTILES, c.BLOCK_K): c for c in reversed(gemm)}.values())
                 for c in gemm:
                     yield dict(dtype=dtype, adapter=adapter, p=p, path=path, impl="fused", gemm=configs.name(c))
             yield dict(dtype=dtype, adapter=adapter, p=p, path="tma", impl="hybrid", gemm=None)
@@ -83,6 +86,37 @@ def run_case(case: dict, deterministic: bool = False) -> float:
     return worst
 
 
+def _layer_error(layer: torch.nn.Module, inp: torch.Tensor) -> float:
+    """Relative max error of the output and the LoRA gradients, triton backend against reference."""
+    torch.nn.init.normal_(layer.lora_A, std=0.05)  # loralib's init zeroes one factor: make both matter
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    results = []
+    for backend in ("triton", "reference"):
+        layer.zero_grad(set_to_none=True)
+        with fused_lora.use_backend(backend):
+            y = layer(inp)
+            y.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        results.append([y.detach().double(), layer.lora_A.grad.double(), layer.lora_B.grad.double()])
+    return max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(*results))
+
+
+def _embedding() -> float:
+    torch.manual_seed(2)
+    layer = fused_lora.Embedding(1003, 136, r=12, lora_alpha=24, device="cuda", dtype=torch.bfloat16,
+                                 lora_dtype=torch.float32)  # fmt: skip
+    idx = torch.randint(0, 1003, (7, 29), device="cuda")
+    idx[0, :5] = 17  # repeated indices: the scatter of dA accumulates
+    return _layer_error(layer, idx)
+
+
+def _merged() -> float:
+    torch.manual_seed(3)
+    layer = fused_lora.MergedLinear(328, 3 * 264, r=12, lora_alpha=24, enable_lora=[True, False, True],
+                                    device="cuda", dtype=torch.bfloat16)  # fmt: skip
+    return _layer_error(layer, torch.randn(203, 328, device="cuda", dtype=torch.bfloat16))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -99,6 +133,10 @@ def main(argv=None) -> int:
         label = ", ".join(f"{k}={v}" for k, v in case.items() if v is not None)
         print(f"{'ok  ' if err < tol else 'FAIL'} {err:.2e}  {label}", flush=True)
         bad += err >= tol
+    for name, fn in (("Embedding (gather + low rank, scatter dA)", _embedding), ("MergedLinear (groups)", _merged)):
+        err = fn()
+        print(f"{'ok  ' if err < 3e-2 else 'FAIL'} {err:.2e}  {name}", flush=True)
+        bad += err >= 3e-2
     torch.use_deterministic_algorithms(True)
     err = run_case(dict(dtype=torch.bfloat16, adapter=torch.float32, p=0.1, path="tma", impl="fused"))
     print(f"{'ok  ' if err < 3e-2 else 'FAIL'} {err:.2e}  deterministic kernels", flush=True)
