@@ -194,7 +194,9 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     rows, sections = sweep.run_sweep(
         cases, list(model.PROVIDERS), list(model.MODES), model.GPUS["h100"], env, rep=1, sink=sunk.append
     )
-    assert [len(batch) for batch in sunk] == [3 * len(model.PROVIDERS)] * 2 and sum(sunk, []) == rows
+    assert [len(batch) for batch in sunk] == [3 * len(model.PROVIDERS)] * 2 and [
+        r for batch in sunk for r in batch
+    ] == rows
     for r in rows:  # give each provider its own time, then recompute the ratios
         if r.get("ms"):
             r["ms"] = fake_ms[r["provider"]]

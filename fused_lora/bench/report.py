@@ -172,12 +172,12 @@ def saved_table(rows: list[dict]) -> list[str]:
 
 
 WHY_MODELLED = (
-    "What the model says about the gaps (docs/design.md §3–7: the forward, the crossover in §5, dropout in §7): the forward's extra cost over the floor is "
+    "What the model says about the gaps (docs/design.md §3–7): the forward's extra cost over the floor is "
     "the shrink pass, one more read of x (67 MB, ~20 µs on an H100, +6–8 % of the GEMM), accepted because "
     "the backward needs xa anyway; overlapping that memory-bound pass with the compute-bound GEMM "
     "(programmatic dependent launch, or the shrink as a producer inside the GEMM) would bring the forward to "
     "≈ 1.01× and the step to ≈ 1.07×. The step adds the backward's dY/x pass (~40 µs). Dropout costs integer "
-    "ALU for the Philox draws (16 bits per element, drawn in the shrink, the dA pass and the dX epilogue), "
+    "ALU for the Philox draws (16 bits per element, drawn in the shrink, the dA pass and the dX epilogue; §7), "
     "not bytes, so the roofline does not see it. The hybrid trades one [M, N] write and read for cuBLAS's "
     "main loop: the roofline always prefers the fused GEMM, a real GPU prefers the hybrid wherever our main "
     "loop reaches less than ~0.90–0.94 of cuBLAS's (design §5)."
