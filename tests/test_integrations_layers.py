@@ -179,6 +179,26 @@ def test_adapter_files_from_peft(tmp_path, device):
     torch.testing.assert_close(reloaded(inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_files_into_lora_layers_take_the_files_scaling(tmp_path, device):
+    """Layers that are LoRA layers already (another lora_alpha, no rsLoRA, no dropout) take the file's
+    alpha, alpha_pattern, use_rslora and dropout: the model computes PEFT's outputs, also merged."""
+    theirs = peft_net(r=3, alpha=16, alpha_pattern={"conv2": 7}, use_rslora=True, lora_dropout=0.25)
+    theirs.save_pretrained(tmp_path / "theirs")
+    inputs = ids()
+    expected = theirs(inputs)
+    for merged in (False, True):
+        ours = injected(device, r=3, alpha=1)
+        if merged:
+            ours.eval()
+        fused_lora.load_adapter(ours, tmp_path / "theirs")
+        assert (ours.conv2.lora_alpha, ours.conv2.use_rslora, ours.conv2.lora_dropout_p) == (7, True, 0.25)
+        assert (ours.head.lora_alpha, ours.emb.scaling) == (16, 16 / 3**0.5)
+        got = ours.eval()(inputs.to(device))
+        assert_close_to_ref(f"ours on PEFT's file (merged={merged})", got, expected.double(), expected)
+        fused_lora.unmerge_lora(ours)  # in eval mode: no dropout
+        assert_close_to_ref("unmerged again", ours(inputs.to(device)), expected.double(), expected)
+
+
 def test_conversions_peft_cannot_express(tmp_path):
     for kw in ({"groups": 2}, {"dilation": 2}, {"padding_mode": "circular", "padding": 1}):
         model = nn.Sequential(nn.Conv2d(4, 4, 3, **kw))
