@@ -74,22 +74,34 @@ class MergedLinear(LoRALinear):
         )  # fmt: skip
         self.r, self.enable_lora = r, list(enable)
         group_n, g = out_features // len(enable), sum(enable)
-        # loralib's lora_ind: which output rows have an adapter (a buffer: it follows .to(device))
-        ind = torch.zeros(len(enable), group_n, dtype=torch.bool, device=self.weight.device)
-        ind[list(enable)] = True
-        self.register_buffer("lora_ind", ind.view(-1), persistent=False)
-        bounds = [0]
-        for e in enable:
-            bounds.append(bounds[-1] + (self.r if e else 0))
-        self.register_buffer("group_bounds", torch.tensor(bounds, dtype=torch.int32, device=self.weight.device),
-                             persistent=False)  # fmt: skip
         self.group_n = group_n
+        self._build_index(self.weight.device)
         if self.r > 0 and g > 0:
             factory = {"device": self.weight.device, "dtype": lora_dtype or self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r * g, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(group_n * g, self.r, **factory))
             self.weight.requires_grad = False
             self.reset_lora_parameters()
+
+    def _build_index(self, device: torch.device) -> None:
+        """loralib's ``lora_ind`` (which output rows have an adapter) and each group's rank-column bounds,
+        from enable_lora: buffers (they follow .to(device)), not saved (loralib's state_dict keys)."""
+        ind = torch.zeros(len(self.enable_lora), self.group_n, dtype=torch.bool, device=device)
+        ind[list(self.enable_lora)] = True
+        bounds = [0]
+        for e in self.enable_lora:
+            bounds.append(bounds[-1] + (self.r if e else 0))
+        self.register_buffer("lora_ind", ind.view(-1), persistent=False)
+        self.register_buffer("group_bounds", torch.tensor(bounds, dtype=torch.int32, device=device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Also made anew after every move: ``to_empty`` (a meta-device model materialised, FSDP2's and
+        ``skip_init``'s flow) would leave them uninitialised, and neither a state_dict nor
+        ``reset_parameters`` holds them."""
+        super()._apply(fn, recurse)
+        if "lora_ind" in self._buffers:
+            self._build_index(self.lora_ind.device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *args, **kwargs):
