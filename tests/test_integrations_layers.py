@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import fused_lora
+from fused_lora.integrations.inject import lora_layers, shared_weights
 from fused_lora.integrations.peft_conv import conv_from_peft, conv_to_peft
 from fused_lora.kernels import LAUNCHES
 
@@ -119,6 +120,42 @@ def test_merge_lora_round_trip_every_layer(device):
     assert fused_lora.unmerge_lora(model) == 5
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+class TiedLM(nn.Module):
+    """The input embedding's table is the output head's weight (GPT-2, Llama-3.2-1B, Gemma)."""
+
+    def __init__(self, device="cpu"):
+        torch.manual_seed(0)
+        super().__init__()
+        self.emb = nn.Embedding(16, 8, device=device)
+        self.head = nn.Linear(8, 16, bias=False, device=device)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("targets", [["emb"], ["emb", "head"]])
+def test_tied_weights_are_not_merged(targets, device):
+    """Merging ΔW into a weight another module holds too would change that module: merge_lora and
+    inject_lora(merge_weights=True) refuse, before anything changes. unmerge_lora undoes merges in reverse
+    order, so even layers merged one by one on the shared W come back bit for bit."""
+    model = TiedLM(device)
+    w0 = model.emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"inject_lora\(merge_weights=True\): .*emb: held by emb, head"):
+        fused_lora.inject_lora(model, targets, r=2, lora_alpha=4, merge_weights=True)
+    assert type(model.emb) is nn.Embedding and type(model.head) is nn.Linear
+    fused_lora.inject_lora(model, targets, r=2, lora_alpha=4)
+    randomize(model)
+    assert shared_weights(model) == {n: ["emb", "head"] for n in targets}
+    with pytest.raises(ValueError, match=r"merge_lora: .*tied weights"):
+        fused_lora.merge_lora(model)
+    assert not any(m.merged for _, m in lora_layers(model)) and torch.equal(model.emb.weight, w0)
+    for _, layer in lora_layers(model):  # merged by hand, in order
+        layer.merge()
+    assert fused_lora.unmerge_lora(model) == len(targets)
+    assert torch.equal(model.emb.weight, w0)
 
 
 def peft_net(r=3, alpha=5, **cfg):
