@@ -109,6 +109,12 @@ def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], 
     return layer.r, {"lora_A.weight": a, "lora_B.weight": b}, layer.lora_dropout_p
 
 
+def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA layers that hold adapters (not r = 0, nor a MergedLinear with no group enabled:
+    loralib's plain layers, which have nothing to save or load)."""
+    return {n: m for n, m in lora_layers(model) if m._has_lora()}
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Leaf names (["q_proj", "v_proj"]) when they select exactly `names` (no other module of the model,
     outside our layers, has one of those names), else the full names."""
@@ -126,9 +132,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
     model = unwrap(model)
-    layers = dict(lora_layers(model))
+    layers = _adapted_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRALinear, Embedding or Conv1d/2d/3d layers to save (inject_lora first)")
+        raise ValueError(
+            "the model has no LoRALinear, Embedding or Conv1d/2d/3d layers with adapters (r > 0) to save "
+            "(inject_lora first)"
+        )
     sharded = is_sharded(model)
     reshard_all(model)
     exported = {n: _export(n, m) for n, m in layers.items()}  # the same order on every rank
@@ -254,7 +263,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     model = unwrap(model)
     config, state = _read(Path(directory))
     adapters = _adapter_modules(state)
-    existing = dict(lora_layers(model))
+    existing = _adapted_layers(model)
     names = sorted(adapters)
     if existing:
         missing = [n for n in names if n not in existing]
