@@ -307,3 +307,16 @@ def test_patch_serves_peft_embeddings(device):
     before = LAUNCHES.copy()
     step(model)
     assert LAUNCHES - before == {}
+
+
+def test_patched_float64_model_goes_back_to_peft(device):
+    """float64, which the kernels do not take, runs PEFT's own forward on the triton backend (the
+    conftest's) instead of raising: the same outputs as unpatched, no kernel launched."""
+    model = peft_net().double().to(device)
+    inputs = ids(device)
+    expected = model(inputs)
+    report = fused_lora.patch_peft_model(model)
+    assert sorted(report.patched) == ["base_model.model.emb", "base_model.model.head"]
+    before = LAUNCHES.copy()
+    assert torch.equal(model(inputs), expected)
+    assert LAUNCHES - before == {}
