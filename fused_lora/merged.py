@@ -19,6 +19,8 @@ strictly both ways), initialisation, merge policy, exact merge round trip — is
 
 from __future__ import annotations
 
+import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -33,10 +35,19 @@ from .validation import check_rank
 __all__ = ["MergedLinear"]
 
 
+def _is_bool(e) -> bool:
+    """A bool, a 0/1 int, or numpy's bool / 0/1 integers (loralib takes them all)."""
+    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
+    return (isinstance(e, numbers.Integral) and e in (0, 1)) or (np is not None and isinstance(e, np.bool_))
+
+
 def _check_enable_lora(enable_lora, out_features: int) -> tuple[bool, ...]:
-    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not enable_lora:
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(enable_lora, np.ndarray) and enable_lora.ndim == 1:
+        enable_lora = enable_lora.tolist()
+    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not len(enable_lora):
         raise TypeError(f"enable_lora must be a non-empty list of bools, got {enable_lora!r}")
-    if not all(isinstance(e, (bool, int)) and e in (0, 1) for e in enable_lora):
+    if not all(map(_is_bool, enable_lora)):
         raise TypeError(f"enable_lora must hold bools, got {list(enable_lora)!r}")
     if out_features % len(enable_lora):
         raise ValueError(

@@ -168,6 +168,13 @@ def test_disabled_or_rank_zero_is_a_plain_linear(device):
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_enable_lora_takes_numpy_bools():
+    """As loralib does: numpy bools in a list, or a numpy array."""
+    np = pytest.importorskip("numpy")
+    for enable in (list(np.array([True, False, True])), np.array([True, False, True]), [1, 0, np.True_]):
+        assert MergedLinear(12, 30, r=4, enable_lora=enable).enable_lora == [True, False, True]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"length of enable_lora \(4\) must divide out_features \(6\)"):
         MergedLinear(8, 6, r=2, enable_lora=[True, False, True, False])
