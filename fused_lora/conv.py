@@ -107,14 +107,16 @@ class _ConvLoRA(ExactMerge, nn.Module):
         cls,
         conv: nn.Module,
         r: int = 8,
-        lora_alpha: float = 16,
+        lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         merge_weights: bool = True,
         use_rslora: bool = False,
         lora_dtype: torch.dtype | None = None,
     ) -> _ConvLoRA:
         """Wrap an existing ``nn.Conv{d}d`` (it becomes ``.conv``: weight, bias and settings shared, not
-        copied). Adapters default to fp32 on a 16-bit weight (PEFT's default), else the weight's dtype."""
+        copied). Defaults are PEFT's ``LoraConfig`` ones (r = 8, lora_alpha = 8), as for
+        ``LoRALinear.from_linear``. Adapters default to fp32 on a 16-bit weight (PEFT's default), else the
+        weight's dtype."""
         if not isinstance(conv, cls.conv_cls) or type(conv).forward is not cls.conv_cls.forward:
             raise TypeError(f"{cls.__name__}.from_conv wraps an nn.{cls.conv_cls.__name__}, got {type(conv).__name__}")
         if isinstance(conv.weight, UninitializedParameter):

@@ -220,6 +220,8 @@ def test_from_conv_shares_the_module(device):
     torch.testing.assert_close(layer.eval()(x), base(x))
     with pytest.raises(TypeError, match=r"wraps an nn\.Conv2d, got Conv3d"):
         Conv2d.from_conv(base)
+    default = Conv2d.from_conv(nn.Conv2d(2, 2, 3, device=device))  # from_linear's (PEFT's) defaults
+    assert (default.r, default.lora_alpha) == (8, 8)
 
     class Custom(nn.Conv2d):
         def forward(self, x):
