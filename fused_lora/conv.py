@@ -25,7 +25,9 @@ convolution, so only in training with p > 0. With p = 0 (loralib's default) or i
 loralib's.
 
 Merging is exact (``fused_lora.merging``): ``eval()`` merges W += ΔW when ``merge_weights``, ``train()``
-unmerges, bit for bit.
+unmerges, bit for bit. As for LoRALinear, a merged layer's state_dict carries the record
+(``unmerge_index`` / ``unmerge_value``, indexing ``conv.weight``) and ``load_state_dict`` never leaves W
+out of step with ``merged``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class _ConvLoRA(ExactMerge, nn.Module):
         self.kernel, self.r, self.lora_alpha, self.use_rslora = k, r, lora_alpha, use_rslora
         self.merge_weights, self.merged = merge_weights, False
         self._merge_record: MergeRecord | None = None
+        self.register_load_state_dict_post_hook(ExactMerge._finish_load_after_children)
         self.lora_dropout = nn.Dropout(p) if p > 0.0 else nn.Identity()
         if r > 0:
             c, w = self.conv, self.conv.weight
@@ -104,14 +107,16 @@ class _ConvLoRA(ExactMerge, nn.Module):
         cls,
         conv: nn.Module,
         r: int = 8,
-        lora_alpha: float = 16,
+        lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         merge_weights: bool = True,
         use_rslora: bool = False,
         lora_dtype: torch.dtype | None = None,
     ) -> _ConvLoRA:
         """Wrap an existing ``nn.Conv{d}d`` (it becomes ``.conv``: weight, bias and settings shared, not
-        copied). Adapters default to fp32 on a 16-bit weight (PEFT's default), else the weight's dtype."""
+        copied). Defaults are PEFT's ``LoraConfig`` ones (r = 8, lora_alpha = 8), as for
+        ``LoRALinear.from_linear``. Adapters default to fp32 on a 16-bit weight (PEFT's default), else the
+        weight's dtype."""
         if not isinstance(conv, cls.conv_cls) or type(conv).forward is not cls.conv_cls.forward:
             raise TypeError(f"{cls.__name__}.from_conv wraps an nn.{cls.conv_cls.__name__}, got {type(conv).__name__}")
         if isinstance(conv.weight, UninitializedParameter):
@@ -164,8 +169,9 @@ class _ConvLoRA(ExactMerge, nn.Module):
         w = self.conv.weight
         return self._merged_rows(0, self.lora_B.shape[0], w.reshape(self.lora_B.shape[0], -1)).view(w.shape)
 
-    # W lives in the ``conv`` child: a merged layer's state_dict carries no record (deepcopy/pickle do)
-    RECORD_IN_STATE = False
+    # W lives in the ``conv`` child: the record sits under the layer's own prefix, the load finishes in a
+    # post-hook once the child has loaded W (see ExactMerge)
+    WEIGHT_KEY = "conv.weight"
 
     def _merge_target(self) -> MergeTarget:
         """W in loralib's [out/groups·k, in·k^(d-1)] layout, ΔW's rows and round(W + ΔW) by one addmm (the

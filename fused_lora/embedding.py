@@ -310,12 +310,13 @@ class Embedding(ExactMerge, nn.Embedding):
         cls,
         embedding: nn.Embedding,
         r: int = 8,
-        lora_alpha: float = 16,
+        lora_alpha: float = 8,
         merge_weights: bool = True,
         use_rslora: bool = False,
         lora_dtype: torch.dtype | None = None,
     ) -> Embedding:
         """Wrap an existing ``nn.Embedding``: its weight Parameter and options are shared, not copied.
+        Defaults are PEFT's ``LoraConfig`` ones (r = 8, lora_alpha = 8), as for ``LoRALinear.from_linear``.
         Adapters default to fp32 on a 16-bit table (PEFT's default), else the table's dtype."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding wraps an nn.Embedding, got {type(embedding).__name__}")

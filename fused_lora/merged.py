@@ -19,6 +19,8 @@ strictly both ways), initialisation, merge policy, exact merge round trip — is
 
 from __future__ import annotations
 
+import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -33,10 +35,19 @@ from .validation import check_rank
 __all__ = ["MergedLinear"]
 
 
+def _is_bool(e) -> bool:
+    """A bool, a 0/1 int, or numpy's bool / 0/1 integers (loralib takes them all)."""
+    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
+    return (isinstance(e, numbers.Integral) and e in (0, 1)) or (np is not None and isinstance(e, np.bool_))
+
+
 def _check_enable_lora(enable_lora, out_features: int) -> tuple[bool, ...]:
-    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not enable_lora:
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(enable_lora, np.ndarray) and enable_lora.ndim == 1:
+        enable_lora = enable_lora.tolist()
+    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not len(enable_lora):
         raise TypeError(f"enable_lora must be a non-empty list of bools, got {enable_lora!r}")
-    if not all(isinstance(e, (bool, int)) and e in (0, 1) for e in enable_lora):
+    if not all(map(_is_bool, enable_lora)):
         raise TypeError(f"enable_lora must hold bools, got {list(enable_lora)!r}")
     if out_features % len(enable_lora):
         raise ValueError(
@@ -74,22 +85,34 @@ class MergedLinear(LoRALinear):
         )  # fmt: skip
         self.r, self.enable_lora = r, list(enable)
         group_n, g = out_features // len(enable), sum(enable)
-        # loralib's lora_ind: which output rows have an adapter (a buffer: it follows .to(device))
-        ind = torch.zeros(len(enable), group_n, dtype=torch.bool, device=self.weight.device)
-        ind[list(enable)] = True
-        self.register_buffer("lora_ind", ind.view(-1), persistent=False)
-        bounds = [0]
-        for e in enable:
-            bounds.append(bounds[-1] + (self.r if e else 0))
-        self.register_buffer("group_bounds", torch.tensor(bounds, dtype=torch.int32, device=self.weight.device),
-                             persistent=False)  # fmt: skip
         self.group_n = group_n
+        self._build_index(self.weight.device)
         if self.r > 0 and g > 0:
             factory = {"device": self.weight.device, "dtype": lora_dtype or self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r * g, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(group_n * g, self.r, **factory))
             self.weight.requires_grad = False
             self.reset_lora_parameters()
+
+    def _build_index(self, device: torch.device) -> None:
+        """loralib's ``lora_ind`` (which output rows have an adapter) and each group's rank-column bounds,
+        from enable_lora: buffers (they follow .to(device)), not saved (loralib's state_dict keys)."""
+        ind = torch.zeros(len(self.enable_lora), self.group_n, dtype=torch.bool, device=device)
+        ind[list(self.enable_lora)] = True
+        bounds = [0]
+        for e in self.enable_lora:
+            bounds.append(bounds[-1] + (self.r if e else 0))
+        self.register_buffer("lora_ind", ind.view(-1), persistent=False)
+        self.register_buffer("group_bounds", torch.tensor(bounds, dtype=torch.int32, device=device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Also made anew after every move: ``to_empty`` (a meta-device model materialised, FSDP2's and
+        ``skip_init``'s flow) would leave them uninitialised, and neither a state_dict nor
+        ``reset_parameters`` holds them."""
+        super()._apply(fn, recurse)
+        if "lora_ind" in self._buffers:
+            self._build_index(self.lora_ind.device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *args, **kwargs):

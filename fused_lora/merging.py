@@ -178,11 +178,13 @@ class ExactMerge:
     layer (mixed in before its nn.Module base). The layer defines :meth:`_merge_target` and
     :meth:`_has_lora`, and holds ``merged``, ``merge_weights`` and ``_merge_record``.
 
-    ``RECORD_IN_STATE``: the layer's W is its own parameter ``weight`` (LoRALinear, MergedLinear,
-    Embedding), so a merged layer's state_dict can carry the record next to it; a convolution keeps W in
-    its ``conv`` child and opts out (its deepcopy and pickle still carry the record)."""
+    ``WEIGHT_KEY``: W's key in the layer's state_dict — its own parameter ``weight`` (LoRALinear,
+    MergedLinear, Embedding), or a child's (a convolution's ``conv.weight``). The record keys sit under
+    the layer's own prefix either way. W in a child loads after the layer's own entries, so such a layer
+    finishes its load (record, merge policy) in a load_state_dict post-hook that it registers with
+    :meth:`_finish_load_after_children`."""
 
-    RECORD_IN_STATE = True
+    WEIGHT_KEY = "weight"
 
     def _has_lora(self) -> bool:
         return self.r > 0
@@ -215,8 +217,11 @@ class ExactMerge:
             self.unmerge() if mode else self.merge()
         return self
 
+    def _base_weight(self) -> torch.Tensor:
+        return self.get_parameter(self.WEIGHT_KEY)
+
     def _record_in_state(self) -> bool:
-        return self.RECORD_IN_STATE and self._has_lora() and not is_dtensor(self.weight)
+        return self._has_lora() and not is_dtensor(self._base_weight())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -225,7 +230,7 @@ class ExactMerge:
         record = self._merge_record
         if record is None or not record.applies_to(self._merge_target().adapters):
             # merged, but nothing restores W exactly any more (the adapters changed): record nothing
-            index, value = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=self.weight.dtype)
+            index, value = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=self._base_weight().dtype)
         else:
             index, value = record.index, record.value
         destination[prefix + RECORD_KEYS[0]] = index
@@ -233,7 +238,8 @@ class ExactMerge:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Leaves W consistent with ``merged``: unmerge, load the state as it was saved (merged or not; a
-        state without ``weight`` keeps the base W), then follow the merge policy."""
+        state without W's key keeps the base W), then follow the merge policy."""
+        self._pending_load = None
         load = lambda: super(ExactMerge, self)._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errors
         )
@@ -247,21 +253,36 @@ class ExactMerge:
         for k in keys:
             if k in unexpected:
                 unexpected.remove(k)
+        record = [state_dict[k] for k in keys if k in state_dict]
+        self._pending_load = (prefix, record, prefix + self.WEIGHT_KEY in state_dict, was_merged, errors, n_errors)
+        if "." not in self.WEIGHT_KEY:  # W is the layer's own parameter: loaded already
+            self._finish_load()
+
+    @staticmethod
+    def _finish_load_after_children(module, incompatible_keys) -> None:
+        """The load_state_dict post-hook of a layer whose W lives in a child (registered by the layer)."""
+        module._finish_load()
+
+    def _finish_load(self) -> None:
+        """Once W is loaded: take a merged state's record, or re-merge, then follow the merge policy."""
+        pending, self._pending_load = getattr(self, "_pending_load", None), None
+        if pending is None:
+            return
+        prefix, record, has_weight, was_merged, errors, n_errors = pending
         if len(errors) > n_errors:
             return
-        if keys[0] in state_dict or keys[1] in state_dict:  # a merged layer's state
-            if not (keys[0] in state_dict and keys[1] in state_dict):
+        if record:  # a merged layer's state
+            if len(record) != 2:
+                keys = [prefix + k for k in RECORD_KEYS]
                 errors.append(f"{prefix}: a merged layer's state needs both {keys[0]} and {keys[1]}")
                 return
             try:
-                self._merge_record = record_from_state(
-                    state_dict[keys[0]], state_dict[keys[1]], self.weight, self._merge_target().adapters
-                )
+                self._merge_record = record_from_state(*record, self._base_weight(), self._merge_target().adapters)
             except ValueError as e:
                 errors.append(f"{prefix}: {e}")
                 return
             self.merged = True
-        elif prefix + "weight" not in state_dict and was_merged:
+        elif not has_weight and was_merged:
             self.merge()  # adapters only: the base W stays, merged with the adapters as they are now
         if self.merge_weights:
             self.merge() if not self.training else self.unmerge()

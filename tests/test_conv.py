@@ -154,6 +154,53 @@ def test_merge_round_trip_is_bit_exact(dtype, channels_last):
     assert ours.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def _trained(dtype=torch.bfloat16, seed=4):
+    layer = Conv2d(4, 6, 3, r=2, lora_alpha=4, dtype=dtype)
+    randomize(layer, seed)
+    return layer
+
+
+def test_load_state_dict_keeps_w_in_step_with_merged():
+    """As for LoRALinear: a checkpoint loaded into an eval-mode (merged) layer is re-merged, adapters alone
+    loaded into a merged layer are merged in place of the old ones, a merged layer's state_dict carries
+    the record (it loads merged, not merged twice, and unmerges bit for bit)."""
+    x = torch.randn(2, 4, 7, 7, dtype=torch.bfloat16)
+    src = _trained()
+    w0 = src.conv.weight.detach().clone()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    want = src(x).detach()
+
+    target = _trained(seed=5).eval()  # other adapters, merged
+    target.load_state_dict(state)
+    assert target.merged and torch.equal(target(x), want)
+    target.train()
+    assert torch.equal(target.conv.weight, w0) and torch.equal(target(x), want)
+
+    target = _trained(seed=5)
+    target.conv.load_state_dict({"weight": w0, "bias": state["conv.bias"]})
+    target.eval()
+    missing, unexpected = target.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False)
+    assert missing == ["conv.weight", "conv.bias"] and not unexpected
+    assert target.merged and torch.equal(target(x), want)
+    target.train()
+    assert torch.equal(target.conv.weight, w0)
+
+    src.eval()
+    merged_state = src.state_dict()
+    assert list(merged_state) == ["lora_A", "lora_B", "unmerge_index", "unmerge_value", "conv.weight", "conv.bias"]
+    for mode in ("train", "eval"):
+        fresh = getattr(_trained(seed=5), mode)()
+        fresh.load_state_dict(merged_state, strict=True)
+        assert fresh.merged == (mode == "eval") and torch.equal(fresh(x), want)
+        fresh.train()
+        assert torch.equal(fresh.conv.weight, w0)
+    twin = copy.deepcopy(src)
+    twin.load_state_dict(merged_state)
+    assert twin.merged and torch.equal(twin(x), want)
+    twin.train()
+    assert torch.equal(twin.conv.weight, w0)
+
+
 def test_init_and_rank_zero(device):
     ours = Conv2d(16, 8, 3, r=4, device=device)
     assert torch.count_nonzero(ours.lora_B) == 0 and ours.lora_A.abs().max() <= 1 / (16 * 3) ** 0.5
@@ -173,6 +220,8 @@ def test_from_conv_shares_the_module(device):
     torch.testing.assert_close(layer.eval()(x), base(x))
     with pytest.raises(TypeError, match=r"wraps an nn\.Conv2d, got Conv3d"):
         Conv2d.from_conv(base)
+    default = Conv2d.from_conv(nn.Conv2d(2, 2, 3, device=device))  # from_linear's (PEFT's) defaults
+    assert (default.r, default.lora_alpha) == (8, 8)
 
     class Custom(nn.Conv2d):
         def forward(self, x):

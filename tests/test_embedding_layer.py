@@ -160,6 +160,8 @@ def test_from_embedding_shares_weight_and_options(device):
         Embedding.from_embedding(layer)
     with pytest.raises(TypeError, match=r"wraps an nn\.Embedding, got Linear"):
         Embedding.from_embedding(nn.Linear(2, 2))
+    default = Embedding.from_embedding(nn.Embedding(V, D, device=device))  # from_linear's (PEFT's) defaults
+    assert (default.r, default.lora_alpha) == (8, 8)
 
 
 def test_layer_errors(device):

@@ -227,6 +227,34 @@ def test_adapter_files_from_peft_with_rank_patterns(device, tmp_path):
     torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_without_adapters_are_skipped(tmp_path):
+    """r = 0 layers and a MergedLinear with no group enabled (loralib's plain layers) have nothing to
+    save: save_adapter writes the others, load_adapter does not ask the file for them."""
+    from safetensors.torch import load_file
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({
+            "merged": fused_lora.MergedLinear(8, 24, r=4, enable_lora=[False] * 3),
+            "plain": fused_lora.LoRALinear(8, 24, r=0),
+            "emb": fused_lora.Embedding(10, 8, r=0),
+            "b": fused_lora.LoRALinear(8, 8, r=2),
+        })  # fmt: skip
+
+    src = model()
+    nn.init.normal_(src.b.lora_B)
+    fused_lora.save_adapter(src, tmp_path)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {
+        "base_model.model.b.lora_A.weight",
+        "base_model.model.b.lora_B.weight",
+    }
+    dst = model()
+    assert fused_lora.load_adapter(dst, tmp_path) == ["b"]
+    assert torch.equal(dst.b.lora_B, src.b.lora_B)
+    with pytest.raises(ValueError, match=r"no LoRALinear, Embedding or Conv1d/2d/3d layers with adapters"):
+        fused_lora.save_adapter(nn.Sequential(fused_lora.LoRALinear(8, 8, r=0)), tmp_path / "none")
+
+
 def test_adapter_file_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRALinear"):
         fused_lora.save_adapter(tiny_llama(), tmp_path)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import fused_lora
+from fused_lora.integrations.inject import lora_layers, shared_weights
 from fused_lora.integrations.peft_conv import conv_from_peft, conv_to_peft
 from fused_lora.kernels import LAUNCHES
 
@@ -121,6 +122,42 @@ def test_merge_lora_round_trip_every_layer(device):
         assert torch.equal(v, state[k]), k
 
 
+class TiedLM(nn.Module):
+    """The input embedding's table is the output head's weight (GPT-2, Llama-3.2-1B, Gemma)."""
+
+    def __init__(self, device="cpu"):
+        torch.manual_seed(0)
+        super().__init__()
+        self.emb = nn.Embedding(16, 8, device=device)
+        self.head = nn.Linear(8, 16, bias=False, device=device)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("targets", [["emb"], ["emb", "head"]])
+def test_tied_weights_are_not_merged(targets, device):
+    """Merging ΔW into a weight another module holds too would change that module: merge_lora and
+    inject_lora(merge_weights=True) refuse, before anything changes. unmerge_lora undoes merges in reverse
+    order, so even layers merged one by one on the shared W come back bit for bit."""
+    model = TiedLM(device)
+    w0 = model.emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"inject_lora\(merge_weights=True\): .*emb: held by emb, head"):
+        fused_lora.inject_lora(model, targets, r=2, lora_alpha=4, merge_weights=True)
+    assert type(model.emb) is nn.Embedding and type(model.head) is nn.Linear
+    fused_lora.inject_lora(model, targets, r=2, lora_alpha=4)
+    randomize(model)
+    assert shared_weights(model) == {n: ["emb", "head"] for n in targets}
+    with pytest.raises(ValueError, match=r"merge_lora: .*tied weights"):
+        fused_lora.merge_lora(model)
+    assert not any(m.merged for _, m in lora_layers(model)) and torch.equal(model.emb.weight, w0)
+    for _, layer in lora_layers(model):  # merged by hand, in order
+        layer.merge()
+    assert fused_lora.unmerge_lora(model) == len(targets)
+    assert torch.equal(model.emb.weight, w0)
+
+
 def peft_net(r=3, alpha=5, **cfg):
     model = peft.get_peft_model(Net(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, **cfg))
     randomize(model, seed=7)
@@ -177,6 +214,26 @@ def test_adapter_files_from_peft(tmp_path, device):
         assert torch.equal(first[k], again[k]), k
     reloaded = peft.PeftModel.from_pretrained(Net(), tmp_path / "again")
     torch.testing.assert_close(reloaded(inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_files_into_lora_layers_take_the_files_scaling(tmp_path, device):
+    """Layers that are LoRA layers already (another lora_alpha, no rsLoRA, no dropout) take the file's
+    alpha, alpha_pattern, use_rslora and dropout: the model computes PEFT's outputs, also merged."""
+    theirs = peft_net(r=3, alpha=16, alpha_pattern={"conv2": 7}, use_rslora=True, lora_dropout=0.25)
+    theirs.save_pretrained(tmp_path / "theirs")
+    inputs = ids()
+    expected = theirs(inputs)
+    for merged in (False, True):
+        ours = injected(device, r=3, alpha=1)
+        if merged:
+            ours.eval()
+        fused_lora.load_adapter(ours, tmp_path / "theirs")
+        assert (ours.conv2.lora_alpha, ours.conv2.use_rslora, ours.conv2.lora_dropout_p) == (7, True, 0.25)
+        assert (ours.head.lora_alpha, ours.emb.scaling) == (16, 16 / 3**0.5)
+        got = ours.eval()(inputs.to(device))
+        assert_close_to_ref(f"ours on PEFT's file (merged={merged})", got, expected.double(), expected)
+        fused_lora.unmerge_lora(ours)  # in eval mode: no dropout
+        assert_close_to_ref("unmerged again", ours(inputs.to(device)), expected.double(), expected)
 
 
 def test_conversions_peft_cannot_express(tmp_path):
@@ -249,4 +306,17 @@ def test_patch_serves_peft_embeddings(device):
     assert fused_lora.unpatch_peft_model(model) == 2
     before = LAUNCHES.copy()
     step(model)
+    assert LAUNCHES - before == {}
+
+
+def test_patched_float64_model_goes_back_to_peft(device):
+    """float64, which the kernels do not take, runs PEFT's own forward on the triton backend (the
+    conftest's) instead of raising: the same outputs as unpatched, no kernel launched."""
+    model = peft_net().double().to(device)
+    inputs = ids(device)
+    expected = model(inputs)
+    report = fused_lora.patch_peft_model(model)
+    assert sorted(report.patched) == ["base_model.model.emb", "base_model.model.head"]
+    before = LAUNCHES.copy()
+    assert torch.equal(model(inputs), expected)
     assert LAUNCHES - before == {}

@@ -144,12 +144,35 @@ def test_merge_round_trip_is_exact_and_survives_copies(device):
     assert torch.equal(layer.weight, w0) and torch.equal(clone.weight, w0)
 
 
+def test_built_on_meta_then_materialised(device):
+    """FSDP2's / skip_init's flow: construct on the meta device, to_empty, reset_parameters, load a state.
+    lora_ind and group_bounds (not in the state_dict) come back right, and so does the forward."""
+    ref = MergedLinear(8, 24, r=2, lora_alpha=4, enable_lora=[True, False, True], device=device)
+    nn.init.normal_(ref.lora_B)
+    with torch.device("meta"):
+        layer = MergedLinear(8, 24, r=2, lora_alpha=4, enable_lora=[True, False, True])
+    layer = layer.to_empty(device=device)
+    layer.reset_parameters()
+    layer.load_state_dict(ref.state_dict(), strict=True)
+    assert torch.equal(layer.lora_ind, ref.lora_ind) and torch.equal(layer.group_bounds, ref.group_bounds)
+    x = torch.randn(3, 8, device=device)
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    assert layer.double().group_bounds.dtype == torch.int32 and layer.lora_ind.device == ref.weight.device
+
+
 def test_disabled_or_rank_zero_is_a_plain_linear(device):
     for layer in (MergedLinear(10, 6, r=0, enable_lora=[True, True], device=device),
                   MergedLinear(10, 6, r=3, enable_lora=[False, False], device=device)):  # fmt: skip
         assert not hasattr(layer, "lora_A")
         x = torch.randn(4, 10, device=device)
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_enable_lora_takes_numpy_bools():
+    """As loralib does: numpy bools in a list, or a numpy array."""
+    np = pytest.importorskip("numpy")
+    for enable in (list(np.array([True, False, True])), np.array([True, False, True]), [1, 0, np.True_]):
+        assert MergedLinear(12, 30, r=4, enable_lora=enable).enable_lora == [True, False, True]
 
 
 def test_bad_arguments():
@@ -182,5 +205,6 @@ def test_adapter_files_round_trip_with_peft(tmp_path, device):
         torch.testing.assert_close(peft_model(x), model(x), rtol=1e-5, atol=1e-5)
     fresh = copy.deepcopy(model)
     nn.init.zeros_(fresh[0].lora_B)
+    fresh[0].lora_alpha = 1  # the file's scaling is taken, converted back to rank r
     fused_lora.load_adapter(fresh, tmp_path)
-    assert torch.equal(fresh[0].lora_B, model[0].lora_B)
+    assert torch.equal(fresh[0].lora_B, model[0].lora_B) and fresh[0].lora_alpha == 6

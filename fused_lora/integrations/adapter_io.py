@@ -41,6 +41,7 @@ from ..conv import _ConvLoRA, check_kernel_size
 from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all, unwrap
 from ..embedding import Embedding
 from ..merged import MergedLinear
+from ..validation import check_dropout
 from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module, wrap_module
 from .peft_conv import conv_from_peft, conv_to_peft
 
@@ -108,6 +109,12 @@ def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], 
     return layer.r, {"lora_A.weight": a, "lora_B.weight": b}, layer.lora_dropout_p
 
 
+def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA layers that hold adapters (not r = 0, nor a MergedLinear with no group enabled:
+    loralib's plain layers, which have nothing to save or load)."""
+    return {n: m for n, m in lora_layers(model) if m._has_lora()}
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Leaf names (["q_proj", "v_proj"]) when they select exactly `names` (no other module of the model,
     outside our layers, has one of those names), else the full names."""
@@ -125,9 +132,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
     model = unwrap(model)
-    layers = dict(lora_layers(model))
+    layers = _adapted_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRALinear, Embedding or Conv1d/2d/3d layers to save (inject_lora first)")
+        raise ValueError(
+            "the model has no LoRALinear, Embedding or Conv1d/2d/3d layers with adapters (r > 0) to save "
+            "(inject_lora first)"
+        )
     sharded = is_sharded(model)
     reshard_all(model)
     exported = {n: _export(n, m) for n, m in layers.items()}  # the same order on every rank
@@ -245,13 +255,15 @@ def _import(name: str, module: nn.Module, embedding: bool, a: torch.Tensor, b: t
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     """Load a PEFT LoRA adapter into a plain model: the named layers (nn.Linear, nn.Embedding,
     nn.Conv1d/2d/3d) become fused_lora's LoRA layers (unless they already are, with matching ranks) and
-    get the file's adapters. Returns the module names.
+    get the file's adapters, scaling (lora_alpha, alpha_pattern, use_rslora) and dropout — also layers that
+    were LoRA layers already, so the model computes what PEFT computes with this file. Returns the module
+    names.
 
     Everything is checked before anything changes: a wrong file leaves the model as it was."""
     model = unwrap(model)
     config, state = _read(Path(directory))
     adapters = _adapter_modules(state)
-    existing = dict(lora_layers(model))
+    existing = _adapted_layers(model)
     names = sorted(adapters)
     if existing:
         missing = [n for n in names if n not in existing]
@@ -269,16 +281,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         loaded[n] = _import(n, existing.get(n) or model.get_submodule(n), embedding, a, b)
         if existing and existing[n].r != loaded[n][2]:
             raise ValueError(f"{n}: the file's adapter has rank {loaded[n][2]} here, the layer r={existing[n].r}")
+    rslora = bool(config.get("use_rslora"))
+    dropout = check_dropout(config.get("lora_dropout", 0.0))
+    alphas = {}  # each module's lora_alpha at our rank: the file's scaling, whatever the rank conversion
+    for n in names:
+        r_file = adapters[n][1].shape[0]  # PEFT's rank for this module (its rank_pattern says the same)
+        alpha = _pattern(config.get("alpha_pattern"), n, config.get("lora_alpha", 8))
+        alphas[n] = rescale_alpha(alpha, r_file, rslora, loaded[n][2], rslora)
 
     if not existing:
-        rslora = bool(config.get("use_rslora"))
         for n in names:
-            a, _, r = loaded[n]
-            r_file = adapters[n][1].shape[0]  # PEFT's rank for this module (its rank_pattern says the same)
-            alpha = _pattern(config.get("alpha_pattern"), n, config.get("lora_alpha", 8))
             layer = wrap_module(
-                model.get_submodule(n), r, rescale_alpha(alpha, r_file, rslora, r, rslora),
-                config.get("lora_dropout", 0.0), use_rslora=rslora, merge_weights=False, lora_dtype=a.dtype,
+                model.get_submodule(n), loaded[n][2], alphas[n], dropout, use_rslora=rslora, merge_weights=False,
+                lora_dtype=loaded[n][0].dtype,
             )  # fmt: skip
             replace_module(model, n, layer)
         mark_only_lora_as_trainable(model)
@@ -286,7 +301,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         layer = model.get_submodule(n)
         a, b, _ = loaded[n]
         was_merged = layer.merged
-        layer.unmerge()  # W's merge follows the adapters it holds
+        layer.unmerge()  # W's merge follows the adapters it holds, at the file's scaling
+        layer.lora_alpha, layer.use_rslora = alphas[n], rslora
+        if not isinstance(layer, Embedding):  # the file's dropout, as PEFT's from_pretrained takes it
+            layer.lora_dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
         copy_full_into(layer.lora_A, a)
         copy_full_into(layer.lora_B, b)
         if was_merged:

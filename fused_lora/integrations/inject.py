@@ -163,6 +163,11 @@ def inject_lora(
     if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
         raise ValueError("this model already has LoRA layers (inject_lora was called before)")
     names = find_targets(model, target_modules, exclude_modules)
+    if merge_weights:  # eval() would merge ΔW into weights that other modules hold too
+        holders = _holders(model)
+        _refuse_shared(
+            {n: holders[id(model.get_submodule(n).weight)] for n in names}, "inject_lora(merge_weights=True)"
+        )
     new = {
         n: wrap_module(model.get_submodule(n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
         for n in names
@@ -230,9 +235,41 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS))
 
 
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """{id of a parameter: the modules holding it directly}, each module once (also one under two names)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                out.setdefault(id(p), []).append(name)
+    return out
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """{LoRA layer name: the modules holding its W} for the layers whose W — the weight a merge changes —
+    another module of `model` holds too (tied weights: an input embedding and the output head, as in
+    GPT-2, Llama-3.2-1B or Gemma). Merging such a W would change the other module's weight as well."""
+    holders = _holders(model)
+    found = {n: holders[id(layer._base_weight())] for n, layer in lora_layers(model)}
+    return {n: h for n, h in found.items() if len(h) > 1}
+
+
+def _refuse_shared(holders: dict[str, list[str]], what: str) -> None:
+    shared = {n: h for n, h in holders.items() if len(h) > 1}
+    if shared:
+        listing = "; ".join(f"{n}: held by {', '.join(h)}" for n, h in list(shared.items())[:8])
+        raise ValueError(
+            f"{what}: these layers' weights are shared with other modules (tied weights), and merging ΔW "
+            f"into a shared weight changes the other modules too, so the merged model would not compute "
+            f"what the unmerged one does ({listing}). Keep them unmerged, or untie the weights first"
+        )
+
+
 def merge_lora(model: nn.Module) -> int:
     """Merge every LoRA layer (W += ΔW, fp32 arithmetic, exact round trip); returns how many. A
-    collective under FSDP2 (every rank calls it): each rank merges its block of each weight."""
+    collective under FSDP2 (every rank calls it): each rank merges its block of each weight. A ValueError,
+    before anything is merged, if a LoRA layer's weight is shared with another module (tied weights)."""
+    _refuse_shared(shared_weights(model), "merge_lora")
     reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
@@ -241,9 +278,10 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def unmerge_lora(model: nn.Module) -> int:
-    """Undo :func:`merge_lora` exactly; returns how many layers (a collective under FSDP2, as merging)."""
+    """Undo :func:`merge_lora` exactly; returns how many layers (a collective under FSDP2, as merging).
+    Layers unmerge in the reverse of merge_lora's order, so each record applies to W as its merge left it."""
     reshard_all(model)
     layers = [m for _, m in lora_layers(model)]
-    for m in layers:
+    for m in reversed(layers):
         m.unmerge()
     return len(layers)

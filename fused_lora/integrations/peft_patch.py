@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..backend import resolve_backend
 from ..embedding import lora_embedding
 from ..function import lora_linear
+from ..validation import KERNEL_DTYPES
 
 log = logging.getLogger("fused_lora")
 
@@ -229,10 +231,18 @@ def _servable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
     a_dtype, w_dtype = layer.lora_A[adapter].weight.dtype, layer.get_base_layer().weight.dtype
     dev = x.device.type
     autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
-    act = torch.get_autocast_dtype(dev) if autocast else x.dtype
-    if (x.dtype != w_dtype and not autocast) or a_dtype not in (act, torch.float32):
+    # the dtypes lora_linear computes in: autocast's (which leaves float64 as it is), else the tensors' own
+    cast = lambda dtype: torch.get_autocast_dtype(dev) if autocast and dtype != torch.float64 else dtype
+    act = cast(x.dtype)
+    if act != cast(w_dtype) or a_dtype not in (act, torch.float32) or _kernels_refuse(x.device, act):
         return None
     return adapter
+
+
+def _kernels_refuse(device: torch.device, dtype: torch.dtype) -> bool:
+    """The call would reach the Triton kernels with a dtype they do not take (float64): PEFT's forward
+    serves it instead (the reference backend takes float64)."""
+    return dtype not in KERNEL_DTYPES and resolve_backend(device) == "triton"
 
 
 def _servable_embedding_adapter(layer, args, kwargs) -> str | None:
@@ -248,8 +258,10 @@ def _servable_embedding_adapter(layer, args, kwargs) -> str | None:
         or adapter in getattr(layer, "output_fns", {})
     ):
         return None
-    a_dtype, w_dtype = layer.lora_embedding_A[adapter].dtype, layer.get_base_layer().weight.dtype
-    return adapter if a_dtype in (w_dtype, torch.float32) else None
+    a_dtype, weight = layer.lora_embedding_A[adapter].dtype, layer.get_base_layer().weight
+    if a_dtype not in (weight.dtype, torch.float32) or _kernels_refuse(weight.device, weight.dtype):
+        return None
+    return adapter
 
 
 def _lora_layers(model: nn.Module):
