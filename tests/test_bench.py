@@ -65,6 +65,7 @@ def test_providers_compute_the_same_layer(p, device):
             assert_close_to_ref(f"{name} dA/dB", g, ref, ref.float())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU main job (with a GPU, cli.main measures)")
 def test_main_job_without_gpu(tmp_path, capsys):
     """The README's main job on a machine with no GPU: smoke, saved bytes, modelled table, results file,
     a short summary on the terminal and the full tables in a file."""

@@ -59,6 +59,7 @@ def test_help_gives_every_flag_and_its_default():
     assert "(default: 1,4,8,16,32,64,128,256)" in " ".join(text.split())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU main job (with a GPU, cli.main measures)")
 def test_default_run_writes_only_into_the_ignored_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main([*QUICK, "--no-plots", "--no-progress"]) == 0
@@ -74,6 +75,7 @@ def test_the_results_folder_is_ignored_by_git():
     assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode == 0, f"{probe} is not ignored"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU main job (with a GPU, cli.main measures)")
 def test_without_a_gpu_the_plots_show_modelled_time_and_saved_bytes(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "run.jsonl"

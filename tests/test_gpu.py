@@ -110,6 +110,7 @@ def test_auto_times_both_implementations_once(tmp_path, monkeypatch):
     from fused_lora.kernels import tuning
 
     monkeypatch.setenv("FUSED_LORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSED_LORA_AUTOTUNE", raising=False)
     tuning.reset_caches()
     layer = LoRALinear(1024, 768, r=16, lora_alpha=16, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -65,7 +65,7 @@ def test_target_forms_and_errors():
         fused_lora.inject_lora(model, ["v_proj"])
 
 
-def test_loralib_helpers_and_state_dicts_interchange():
+def test_loralib_helpers_and_state_dicts_interchange(device):
     loralib = pytest.importorskip("loralib")
     ours = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
     fused_lora.inject_lora(ours, ["0", "2"], r=3, lora_alpha=6)
@@ -75,7 +75,9 @@ def test_loralib_helpers_and_state_dicts_interchange():
     loralib.mark_only_lora_as_trainable(theirs)
     randomize_lora(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(5, 12)
+    ours.to(device)
+    theirs.to(device)
+    x = torch.randn(5, 12, device=device)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     for bias in ("none", "all", "lora_only"):
         assert fused_lora.lora_state_dict(ours, bias).keys() == loralib.lora_state_dict(theirs, bias).keys()

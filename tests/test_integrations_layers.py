@@ -92,9 +92,9 @@ def test_inject_refuses_what_it_cannot_reproduce():
         fused_lora.inject_lora(model, ["nope"])
 
 
-def test_loralib_helpers_and_state_dicts_interchange():
-    ours = injected(r=2, alpha=3)
-    theirs = Net(lib=loralib, r=2, lora_alpha=3)
+def test_loralib_helpers_and_state_dicts_interchange(device):
+    ours = injected(device, r=2, alpha=3)
+    theirs = Net(lib=loralib, r=2, lora_alpha=3).to(device)
     for part in ("emb", "conv2", "head"):  # the layers loralib can run (its Conv1d/3d fail for k > 1)
         theirs_sd = getattr(theirs, part).state_dict()
         getattr(ours, part).load_state_dict(theirs_sd, strict=True)
@@ -105,9 +105,9 @@ def test_loralib_helpers_and_state_dicts_interchange():
         fused_lora.mark_only_lora_as_trainable(ours, bias)
         loralib.mark_only_lora_as_trainable(theirs, bias)
         assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in theirs.parameters()]
-    x = torch.randn(2, 1, 6, 5)
+    x = torch.randn(2, 1, 6, 5, device=device)
     torch.testing.assert_close(ours.conv2(x), theirs.conv2(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.emb(ids()), theirs.emb(ids()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.emb(ids(device)), theirs.emb(ids(device)), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_lora_round_trip_every_layer(device):

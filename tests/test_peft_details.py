@@ -30,9 +30,9 @@ def test_patched_layers_print_as_peft_does():
     assert repr(model) == before
 
 
-def test_adapters_added_after_patching_run_fused(caplog, tmp_path):
+def test_adapters_added_after_patching_run_fused(caplog, tmp_path, device):
     """add_adapter / load_adapter on new target modules: the new lora.Linear layers are patched too."""
-    model = peft_model(target_modules=["q_proj"])
+    model = peft_model(device, target_modules=["q_proj"])
     assert len(fused_lora.patch_peft_model(model).patched) == 2
     with caplog.at_level(logging.INFO, logger="fused_lora"):
         model.add_adapter("mlp", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"]))
@@ -43,7 +43,7 @@ def test_adapters_added_after_patching_run_fused(caplog, tmp_path):
     model.set_adapter("mlp")
     ref = copy.deepcopy(model)
     fused_lora.unpatch_peft_model(ref)
-    inputs = batch()
+    inputs = batch(device)
     before = LAUNCHES.copy()
     got = model(**inputs).logits
     assert (LAUNCHES - before)["_shrink_kernel"] == 2, "the new layers must run the kernels"
