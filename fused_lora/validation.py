@@ -3,10 +3,12 @@ the argument and the shapes, before anything reaches a kernel."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,6 +122,58 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
         raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {_allowed(x.dtype)}")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {_allowed(x.dtype)}")
+
+
+# bounds tensors whose values were read and found valid: {bounds: (its version counter, r)}. MergedLinear
+# passes the same buffer on every call, so a GPU syncs once to check it, not once per call.
+_CHECKED_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_groups(groups, N: int, r: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """`groups` = (group_n, bounds) of ``lora_linear`` (MergedLinear's block-structured B): group_n > 0 divides
+    N = out_features, bounds is an int32/int64 tensor [N / group_n + 1] on x's device whose values rise
+    from >= 0 to <= r (read once per bounds tensor; not under torch.compile, nor on the meta device).
+    Returns (group_n, bounds as int32) — what the kernels read — or None."""
+    if groups is None:
+        return None
+    if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+        raise TypeError(f"groups must be a (group_n, bounds) pair or None, got {type(groups).__name__}")
+    group_n, bounds = groups
+    if isinstance(group_n, bool) or not isinstance(group_n, numbers.Integral):
+        raise TypeError(f"groups' group_n must be an int, got {group_n!r}")
+    if group_n <= 0:
+        raise ValueError(f"groups' group_n (output columns per group) must be > 0, got {group_n}")
+    if N % group_n:
+        raise ValueError(f"groups' group_n = {group_n} must divide out_features = {N}")
+    n_groups = N // group_n
+    if not isinstance(bounds, torch.Tensor):
+        raise TypeError(f"groups' bounds must be an int32 or int64 torch.Tensor, got {type(bounds).__name__}")
+    if bounds.dtype not in (torch.int32, torch.int64) or bounds.layout != torch.strided or bounds.is_nested:
+        raise TypeError(f"groups' bounds must be a dense int32 or int64 tensor, got {bounds.dtype} ({bounds.layout})")
+    if tuple(bounds.shape) != (n_groups + 1,):
+        raise ValueError(
+            f"groups' bounds {_shape(bounds)} must be [out_features / group_n + 1] = [{N} / {group_n} + 1] = "
+            f"[{n_groups + 1}]"
+        )
+    if bounds.device != device:
+        raise ValueError(f"groups' bounds must be on x's device {device}, got {bounds.device}")
+    if device.type != "meta" and not torch.compiler.is_compiling():
+        _check_bound_values(bounds, r)
+    return int(group_n), bounds.to(torch.int32)
+
+
+def _check_bound_values(bounds: torch.Tensor, r: int) -> None:
+    try:
+        version = bounds._version
+    except RuntimeError:  # an inference tensor has no version counter: check it every time
+        version = None
+    if version is not None and _CHECKED_BOUNDS.get(bounds) == (version, r):
+        return
+    values = bounds.tolist()
+    if values[0] < 0 or values[-1] > r or any(b < a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"groups' bounds {values} must be non-decreasing rank-column offsets within [0, r] = [0, {r}]")
+    if version is not None:
+        _CHECKED_BOUNDS[bounds] = (version, r)
 
 
 def _allowed(x_dtype: torch.dtype) -> str:
