@@ -29,7 +29,14 @@ import torch.nn.functional as F
 
 from . import ops, reference
 from .backend import interpreting, resolve_backend
-from .validation import check_dropout, check_groups, check_kernel_dtypes, check_lora_inputs, check_scaling
+from .validation import (
+    check_dropout,
+    check_groups,
+    check_kernel_dtypes,
+    check_learnable_scaling,
+    check_lora_inputs,
+    check_scaling,
+)
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
@@ -105,8 +112,8 @@ def lora_linear(
     p = p if training else 0.0
     backend = resolve_backend(x.device)
     learnable_scale = isinstance(scaling, torch.Tensor) and scaling.requires_grad and backend == "reference"
-    if not learnable_scale:  # the reference backend lets autograd see a learnable scale; kernels refuse it
-        scaling = check_scaling(scaling)
+    # the reference backend lets autograd see a learnable scale (checked alike, kept a tensor); kernels refuse it
+    scaling = check_learnable_scaling(scaling) if learnable_scale else check_scaling(scaling)
     guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
     with guard:

@@ -73,6 +73,23 @@ def check_scaling(scaling) -> float:
     return float(scaling)
 
 
+def check_learnable_scaling(scaling: torch.Tensor) -> torch.Tensor:
+    """A learnable scale (requires grad, reference backend) under check_scaling's rules — one element, real,
+    finite, within float32's range — kept a tensor so autograd sees it, as a 0-d tensor so broadcasting
+    cannot change y's shape. Its value is read once (a host sync on a GPU; skipped under torch.compile)."""
+    if scaling.numel() != 1:
+        raise TypeError(f"scaling must be a real number or a one-element tensor, got shape {list(scaling.shape)}")
+    if not scaling.is_floating_point():
+        raise TypeError(f"a learnable scaling must be a floating-point tensor, got dtype {scaling.dtype}")
+    if scaling.device.type != "meta" and not torch.compiler.is_compiling():
+        value = scaling.detach().item()
+        if not math.isfinite(value):
+            raise TypeError(f"scaling must be a finite real number, got {value!r}")
+        if abs(value) > FP32_MAX:
+            raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {value!r}")
+    return scaling.reshape(())
+
+
 def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
     """Shapes, dtypes and devices of one LoRA linear call:
     x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] or None."""
