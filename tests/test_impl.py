@@ -225,3 +225,23 @@ def test_impl_selection_rules(monkeypatch):
     contextvars.Context().run(fresh)
     with pytest.raises(ValueError, match="impl must be one of"):
         impl.use_impl("cublas").__enter__()
+
+
+def test_fp32_adapters_cancelling_term_stays_finite(path, implementation, device):
+    """fp16 x with fp32 adapters, x·Wᵀ = -60000 and the low-rank term +70000 (beyond fp16's 65504): y is
+    10000 and must come out finite by both implementations. The hybrid used to round the term to fp16
+    before cuBLAS added x·Wᵀ (inf); likewise T = g·A against dY·W in the backward's dX."""
+    K, N, r = 16, 16, 4
+    x = torch.ones(2, K, dtype=torch.float16, device=device, requires_grad=True)
+    w = torch.full((N, K), -60000.0 / K, device=device).half()
+    a = torch.full((r, K), 1.0 / K, device=device)
+    b = torch.full((N, r), 70000.0 / r, device=device)
+    y = fused_lora.lora_linear(x, w, a, b, 1.0, bias=torch.full((N,), 0.5, device=device))
+    torch.testing.assert_close(y.float(), torch.full_like(y, 10000.5, dtype=torch.float32), rtol=2e-3, atol=0)
+
+    w2 = torch.full((N, K), -60000.0 / N, device=device).half()  # dY·W = -60000 with dY = ones
+    a2 = torch.full((r, K), 70000.0 / (r * N), device=device)  # g·A = +70000 (g = dY·B = N with B = 1)
+    fused_lora.lora_linear(x, w2, a2, torch.ones(N, r, device=device), 1.0).backward(
+        torch.ones(2, N, dtype=torch.float16, device=device)
+    )
+    torch.testing.assert_close(x.grad.float(), torch.full((2, K), 10000.0, device=device), rtol=2e-3, atol=0)
