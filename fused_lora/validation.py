@@ -21,6 +21,8 @@ def _shape(t: torch.Tensor) -> str:
 def _tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass a dense (strided) tensor, e.g. padded or one per call")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if not t.is_floating_point():
@@ -31,10 +33,22 @@ def _tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
 
 
+def _brief(v) -> str:
+    """repr(v), shortened: a huge int's repr is hundreds of digits (or refused beyond 4300)."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return f"an int of {v.bit_length()} bits"
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
 def check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
-    p = float(dropout_p)
+    try:
+        p = float(dropout_p)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"dropout_p must be in [0, 1), got {_brief(dropout_p)}") from None
     if not 0.0 <= p < 1.0:  # also rejects NaN
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return p
@@ -66,7 +80,15 @@ def check_scaling(scaling) -> float:
         if scaling.device.type == "meta":
             raise TypeError("scaling is a meta tensor and has no value: pass a Python float")
         scaling = scaling.item()
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    try:
+        finite = math.isfinite(scaling)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(
+            f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {_brief(scaling)}"
+        ) from None
+    if not finite:
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
     if abs(scaling) > FP32_MAX:
         raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {scaling!r}")

@@ -153,3 +153,20 @@ def test_groups_bounds_are_read_once_per_tensor(monkeypatch):
     bounds[2] = 9
     with pytest.raises(ValueError, match="within"):
         validation.check_groups((16, bounds), 32, 8, device)
+
+
+@pytest.mark.parametrize("big", [10**400, -(10**400), 10**5000], ids=["1e400", "-1e400", "1e5000"])
+def test_ints_beyond_float_range(good, big):
+    """Python ints too large for a float used to raise a bare OverflowError naming nothing."""
+    with pytest.raises(ValueError, match=r"scaling must be within float32's range"):
+        call(*good, s=big)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        call(*good, p=big)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_x(good):
+    """A (strided-layout) nested x passed the layout check and failed inside torch with an internal error."""
+    x, w, a, b, bb = good
+    with pytest.raises(TypeError, match="x is a nested tensor"):
+        call(torch.nested.nested_tensor([x, x[:2]]), w, a, b, bb)
