@@ -29,7 +29,14 @@ import torch.nn.functional as F
 
 from . import ops, reference
 from .backend import interpreting, resolve_backend
-from .validation import check_dropout, check_kernel_dtypes, check_lora_inputs, check_scaling
+from .validation import (
+    check_dropout,
+    check_groups,
+    check_kernel_dtypes,
+    check_learnable_scaling,
+    check_lora_inputs,
+    check_scaling,
+)
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
@@ -87,8 +94,11 @@ def lora_linear(
     autocast dtype and so is the output; fp32 adapters stay fp32 (the kernels read them as they are).
 
     `groups` (MergedLinear's block-structured B: rows of group q are zero outside rank columns
-    bounds[q] .. bounds[q + 1]) = (group_n, bounds int32 [G + 1] on x's device) lets each output tile
-    multiply only its groups' rank columns; the result is the same as without it.
+    bounds[q] .. bounds[q + 1]) = (group_n, bounds int32 or int64 [N / group_n + 1] on x's device,
+    non-decreasing within [0, r]) lets each output tile multiply only its groups' rank columns; the result
+    is the same as without it. It is checked (a ValueError / TypeError naming `groups`); that B is zero
+    outside the blocks is the caller's promise, not checked (it would cost a host sync per call). The
+    reference backend honours it by zeroing B outside the blocks, as the kernels' result assumes.
     """
     cast = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if cast is not None:  # as nn.Linear under autocast: x, W, bias in the autocast dtype; fp32 adapters stay
@@ -97,17 +107,18 @@ def lora_linear(
         if isinstance(lora_A, torch.Tensor) and lora_A.dtype != torch.float32:
             lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
     check_lora_inputs(x, weight, lora_A, lora_B, bias)
+    groups = check_groups(groups, weight.shape[0], lora_A.shape[0], x.device)
     p = check_dropout(dropout_p)  # checked in eval too: a bad value must not wait for train() to surface
     p = p if training else 0.0
     backend = resolve_backend(x.device)
     learnable_scale = isinstance(scaling, torch.Tensor) and scaling.requires_grad and backend == "reference"
-    if not learnable_scale:  # the reference backend lets autograd see a learnable scale; kernels refuse it
-        scaling = check_scaling(scaling)
+    # the reference backend lets autograd see a learnable scale (checked alike, kept a tensor); kernels refuse it
+    scaling = check_learnable_scaling(scaling) if learnable_scale else check_scaling(scaling)
     guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
     with guard:
         if backend == "reference":
-            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
+            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True, groups=groups)
         check_kernel_dtypes(x)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting():
             # Triton's interpreter multiplies bf16 tl.dot operands wrongly (triton-lang/triton#11584)
@@ -117,7 +128,7 @@ def lora_linear(
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True)
+            return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True, groups=groups)
         if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         return LoRALinearFunction.apply(

@@ -5,7 +5,14 @@
     hybrid  a small kernel writes the low-rank term C = mask⊙(L·R) + bias as an [M, N] tensor
             (kernels.low_rank) and cuBLAS finishes: y = addmm(C, x, Wᵀ), dX = addmm(T, dY, W). One
             [M, N] write and read more, traded for cuBLAS's main loop: the safety net where our GEMM
-            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for).
+            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for). C is rounded to
+            the activations' dtype before cuBLAS adds x·Wᵀ: one rounding more than the fused GEMM and
+            the reference make, of the size of the term's own 16-bit rounding. With fp16 activations
+            and fp32 adapters that rounding could overflow (the term beyond 65504 while y, after
+            cancelling with x·Wᵀ, is not), so there C (T) is written in fp32, cuBLAS's fp32-output
+            addmm adds x·Wᵀ and one cast rounds the sum, as the fused GEMM does: twice C's traffic
+            and a cast more, which `auto` weighs when it times the two. bf16 has fp32's range: its
+            16-bit C cannot overflow and stays.
 
 Both use the same shrink and grad kernels, save the same tensors (x, xa, the seed) and draw the same
 dropout mask, so the choice can differ between forward and backward, and between shapes.
@@ -61,6 +68,9 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
         return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
 
     def hybrid():
+        if _wide(x2.dtype, lora_B.dtype):
+            c = k.low_rank(xa, lora_B.t(), out_dtype=torch.float32, bias=bias, groups=groups, x_dtype=x2.dtype)
+            return addmm_fp32(c, x2, weight.t()).to(x2.dtype)
         c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias, groups=groups)
         return c.addmm_(x2, weight.t())
 
@@ -76,12 +86,34 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
         return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
 
     def hybrid():
+        if _wide(dy2.dtype, lora_A.dtype):
+            t = k.low_rank(g, lora_A, out_dtype=torch.float32, dropout_p=dropout_p, seed=seed, x_dtype=dy2.dtype)
+            return addmm_fp32(t, dy2, weight).to(dy2.dtype)
         t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
         return t.addmm_(dy2, weight)
 
     M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]
     key = ("bwd", dy2.dtype, lora_A.dtype, M, K, N, r, dropout_p, False)
     return _run(key, fused, hybrid, deterministic, dy2.device)
+
+
+def _wide(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """fp16 activations with fp32 adapters: the low-rank term is fp32 (as the reference / PEFT compute it)
+    and may exceed fp16's range where y does not (cancellation with x·Wᵀ), so C must stay fp32. bf16 has
+    fp32's range: its C cannot overflow, and keeps the cheaper 16-bit C (see the module docstring)."""
+    return x_dtype == torch.float16 and adapter_dtype == torch.float32
+
+
+def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a·b in fp32 for fp32 c and 16-bit a, b: cuBLAS's fp32-output GEMM (``addmm(..., out_dtype=
+    torch.float32)``, CUDA, torch >= 2.8) where there is one; elsewhere (CPU under the interpreter, older
+    torch) the same sum from a and b cast to fp32 (exact casts, slower)."""
+    if c.device.type == "cuda":
+        try:
+            return torch.addmm(c, a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError):
+            pass
+    return c.addmm_(a.float(), b.float())
 
 
 def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -> str:

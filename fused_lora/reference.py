@@ -43,22 +43,36 @@ def lora_linear(
     training: bool = True,
     *,
     dropout_mask: torch.Tensor | None = None,
+    groups: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ, differentiable by autograd.
 
-    `dropout_mask` (bool, x's shape) replaces the random mask: tests pass the kernels' own mask."""
+    `dropout_mask` (bool, x's shape) replaces the random mask: tests pass the kernels' own mask.
+    `groups` = (group_n, bounds): output column n uses only rank columns bounds[q] .. bounds[q + 1] of
+    its row of B, q = n // group_n (B is zeroed elsewhere; checked by the caller)."""
     y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
     if lora_A.shape[0] == 0:
         return y
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and dropout_mask is None:
         dropout_mask = draw_dropout_mask(x, p)
+    if groups is not None:
+        lora_B = lora_B * group_mask(lora_B, *groups)
     dt = torch.promote_types(x.dtype, lora_A.dtype)
     xd = dropped(x, p, dropout_mask).to(dt)
     low = F.linear(F.linear(xd, lora_A.to(dt)), lora_B.to(dt)) * scaling
     if low.dtype == y.dtype:
         return y + low
     return (y.to(low.dtype) + low).to(y.dtype)  # one rounding of the sum, as PEFT does
+
+
+def group_mask(lora_B: torch.Tensor, group_n: int, bounds: torch.Tensor) -> torch.Tensor:
+    """Bool [N, r]: True where row n of B may be nonzero, rank columns bounds[n // group_n] .. the next bound."""
+    N, r = lora_B.shape
+    q = torch.arange(N, device=lora_B.device) // group_n
+    cols = torch.arange(r, device=lora_B.device)
+    lo, hi = bounds[q].unsqueeze(1), bounds[q + 1].unsqueeze(1)
+    return (cols >= lo) & (cols < hi)
 
 
 def lora_linear_grads(

@@ -3,10 +3,12 @@ the argument and the shapes, before anything reaches a kernel."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,6 +21,8 @@ def _shape(t: torch.Tensor) -> str:
 def _tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass a dense (strided) tensor, e.g. padded or one per call")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if not t.is_floating_point():
@@ -29,10 +33,22 @@ def _tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
 
 
+def _brief(v) -> str:
+    """repr(v), shortened: a huge int's repr is hundreds of digits (or refused beyond 4300)."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return f"an int of {v.bit_length()} bits"
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
 def check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
-    p = float(dropout_p)
+    try:
+        p = float(dropout_p)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"dropout_p must be in [0, 1), got {_brief(dropout_p)}") from None
     if not 0.0 <= p < 1.0:  # also rejects NaN
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return p
@@ -64,11 +80,36 @@ def check_scaling(scaling) -> float:
         if scaling.device.type == "meta":
             raise TypeError("scaling is a meta tensor and has no value: pass a Python float")
         scaling = scaling.item()
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    try:
+        finite = math.isfinite(scaling)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(
+            f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {_brief(scaling)}"
+        ) from None
+    if not finite:
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
     if abs(scaling) > FP32_MAX:
         raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {scaling!r}")
     return float(scaling)
+
+
+def check_learnable_scaling(scaling: torch.Tensor) -> torch.Tensor:
+    """A learnable scale (requires grad, reference backend) under check_scaling's rules — one element, real,
+    finite, within float32's range — kept a tensor so autograd sees it, as a 0-d tensor so broadcasting
+    cannot change y's shape. Its value is read once (a host sync on a GPU; skipped under torch.compile)."""
+    if scaling.numel() != 1:
+        raise TypeError(f"scaling must be a real number or a one-element tensor, got shape {list(scaling.shape)}")
+    if not scaling.is_floating_point():
+        raise TypeError(f"a learnable scaling must be a floating-point tensor, got dtype {scaling.dtype}")
+    if scaling.device.type != "meta" and not torch.compiler.is_compiling():
+        value = scaling.detach().item()
+        if not math.isfinite(value):
+            raise TypeError(f"scaling must be a finite real number, got {value!r}")
+        if abs(value) > FP32_MAX:
+            raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {value!r}")
+    return scaling.reshape(())
 
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
@@ -120,6 +161,58 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
         raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with x in {x.dtype} they must be {_allowed(x.dtype)}")
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {_allowed(x.dtype)}")
+
+
+# bounds tensors whose values were read and found valid: {bounds: (its version counter, r)}. MergedLinear
+# passes the same buffer on every call, so a GPU syncs once to check it, not once per call.
+_CHECKED_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_groups(groups, N: int, r: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """`groups` = (group_n, bounds) of ``lora_linear`` (MergedLinear's block-structured B): group_n > 0 divides
+    N = out_features, bounds is an int32/int64 tensor [N / group_n + 1] on x's device whose values rise
+    from >= 0 to <= r (read once per bounds tensor; not under torch.compile, nor on the meta device).
+    Returns (group_n, bounds as int32) — what the kernels read — or None."""
+    if groups is None:
+        return None
+    if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+        raise TypeError(f"groups must be a (group_n, bounds) pair or None, got {type(groups).__name__}")
+    group_n, bounds = groups
+    if isinstance(group_n, bool) or not isinstance(group_n, numbers.Integral):
+        raise TypeError(f"groups' group_n must be an int, got {group_n!r}")
+    if group_n <= 0:
+        raise ValueError(f"groups' group_n (output columns per group) must be > 0, got {group_n}")
+    if N % group_n:
+        raise ValueError(f"groups' group_n = {group_n} must divide out_features = {N}")
+    n_groups = N // group_n
+    if not isinstance(bounds, torch.Tensor):
+        raise TypeError(f"groups' bounds must be an int32 or int64 torch.Tensor, got {type(bounds).__name__}")
+    if bounds.dtype not in (torch.int32, torch.int64) or bounds.layout != torch.strided or bounds.is_nested:
+        raise TypeError(f"groups' bounds must be a dense int32 or int64 tensor, got {bounds.dtype} ({bounds.layout})")
+    if tuple(bounds.shape) != (n_groups + 1,):
+        raise ValueError(
+            f"groups' bounds {_shape(bounds)} must be [out_features / group_n + 1] = [{N} / {group_n} + 1] = "
+            f"[{n_groups + 1}]"
+        )
+    if bounds.device != device:
+        raise ValueError(f"groups' bounds must be on x's device {device}, got {bounds.device}")
+    if device.type != "meta" and not torch.compiler.is_compiling():
+        _check_bound_values(bounds, r)
+    return int(group_n), bounds.to(torch.int32)
+
+
+def _check_bound_values(bounds: torch.Tensor, r: int) -> None:
+    try:
+        version = bounds._version
+    except RuntimeError:  # an inference tensor has no version counter: check it every time
+        version = None
+    if version is not None and _CHECKED_BOUNDS.get(bounds) == (version, r):
+        return
+    values = bounds.tolist()
+    if values[0] < 0 or values[-1] > r or any(b < a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"groups' bounds {values} must be non-decreasing rank-column offsets within [0, r] = [0, {r}]")
+    if version is not None:
+        _CHECKED_BOUNDS[bounds] = (version, r)
 
 
 def _allowed(x_dtype: torch.dtype) -> str:

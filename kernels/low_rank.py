@@ -70,10 +70,13 @@ def low_rank(
     seed: torch.Tensor | None = None,
     lora_dtype: torch.dtype | None = None,
     groups: tuple[int, torch.Tensor] | None = None,
+    x_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """mask⊙(l·r) + bias as a new [M, N] tensor in `out_dtype`, for l [M, r] fp32 (scaled already) and
     r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0; `groups` as
-    for :func:`kernels.lora_gemm.lora_gemm`."""
+    for :func:`kernels.lora_gemm.lora_gemm`. `x_dtype` (default `out_dtype`): the activations' dtype, which
+    picks the product's precision mode — an fp32 `out_dtype` for 16-bit activations keeps the term unrounded
+    for an fp32-output addmm, in the mode the fused GEMM uses for those activations."""
     M, R = l.shape
     N = r.shape[1]
     check_interpretable(r)
@@ -87,7 +90,7 @@ def low_rank(
     r_nr = False
     if tma:
         r, r_nr = tma_operand(r)
-    mode, mode_dtype = lora_mode(out_dtype, lora_dtype, kept=False)
+    mode, mode_dtype = lora_mode(x_dtype or out_dtype, lora_dtype, kept=False)
     variant = dict(
         HAS_BIAS=bias is not None, DROPOUT=dropout, HAS_GROUPS=groups is not None, LORA_MODE=mode,
         LORA_DTYPE=mode_dtype, TMA=tma, R_NR=r_nr, R_CHUNK=R_CHUNK,
@@ -107,6 +110,7 @@ def low_rank(
 
     e = torch.empty((), dtype=out_dtype).element_size()
     configs = {config_name(c): c for c in admitted(gemm_table(low_rank=True), keep_gemm, e, dropout, arch, tma)}
-    key = (str(out_dtype), str(lora_dtype), bucket(M), N, rank_pad(R), dropout, bias is not None, tma, bool(groups))
+    key = (str(out_dtype), str(x_dtype or out_dtype), str(lora_dtype), bucket(M), N, rank_pad(R), dropout)
+    key += (bias is not None, tma, bool(groups))
     chosen = tuning.table("low_rank").pick(key, list(configs), lambda n: (lambda: run(configs[n])), l.device)
     return run(configs[chosen])

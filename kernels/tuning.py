@@ -49,8 +49,18 @@ def force(table: str, choice: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+_ON, _OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
 def autotune_enabled() -> bool:
-    return os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
+    """``FUSED_LORA_AUTOTUNE``: 1 / true / on / yes (default) or 0 / false / off / no, any case."""
+    value = os.environ.get("FUSED_LORA_AUTOTUNE", "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(
+            f"FUSED_LORA_AUTOTUNE must be one of 1, true, on, yes, 0, false, off, no (any case), "
+            f"got {os.environ['FUSED_LORA_AUTOTUNE']!r}"
+        )
+    return value in _ON
 
 
 class Choices:
@@ -133,13 +143,20 @@ class _DiskCache:
         self.entries: dict[str, str] | None = None
 
     def _read(self) -> dict[str, str]:
-        if self.path is None or not self.path.is_file():
+        """The file's choices; {} for a missing, unreadable (any OSError: permissions, a name too long),
+        corrupt or foreign file, or one whose JSON is not the shape written here."""
+        if self.path is None:
             return {}
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return data.get("choices", {}) if data.get("scope") == self.scope else {}
+        if not isinstance(data, dict) or data.get("scope") != self.scope:
+            return {}
+        choices = data.get("choices")
+        if not isinstance(choices, dict):
+            return {}
+        return {k: v for k, v in choices.items() if isinstance(k, str) and isinstance(v, str)}
 
     def get(self, table: str, key: tuple) -> str | None:
         if self.entries is None:
@@ -170,10 +187,15 @@ def _disk() -> _DiskCache:
 
 
 def cache_dir() -> Path | None:
+    """``$FUSED_LORA_CACHE_DIR`` (``~`` expanded, made absolute so a later chdir does not move it), or
+    ``~/.cache/fused_lora``; None (memory only) for off / 0 / none, or when there is no home to expand."""
     value = os.environ.get("FUSED_LORA_CACHE_DIR", "").strip()
     if value.lower() in ("off", "0", "none"):
         return None
-    return Path(value) if value else Path.home() / ".cache" / "fused_lora"
+    try:
+        return Path(value).expanduser().absolute() if value else Path.home() / ".cache" / "fused_lora"
+    except RuntimeError:  # no home directory to expand ~ to
+        return None
 
 
 def _scope() -> str:

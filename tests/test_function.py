@@ -203,3 +203,37 @@ def test_zero_features(K, N, device):
     assert y.shape == (4, N)
     y.sum().backward()
     assert x.grad.shape == x.shape and a.grad.shape == a.shape
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "pattern"),
+    [
+        ([1.0, 2.0, 3.0, 4.0], TypeError, r"one-element tensor, got shape \[4\]"),
+        ([[1.0], [2.0], [3.0]], TypeError, r"one-element tensor, got shape \[3, 1\]"),
+        (float("nan"), TypeError, "finite"),
+        (float("inf"), TypeError, "finite"),
+        (1e300, ValueError, "float32's range"),
+    ],
+)
+def test_learnable_scaling_is_checked_as_a_constant_one_is(value, error, pattern):
+    """A scale that requires grad (reference backend) gets check_scaling's errors: it used to broadcast a
+    multi-element tensor into y silently and accept NaN / inf."""
+    x, w, a, b, _ = lora_inputs(3, 8, 4, 2)
+    s = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+    with fused_lora.use_backend("reference"), pytest.raises(error, match=pattern):
+        fused_lora.lora_linear(x, w, a, b, s)
+    with pytest.raises(error, match=pattern):
+        fused_lora.lora_linear(x, w, a, b, s.detach())
+
+
+def test_learnable_scaling_keeps_y_shape_and_its_gradient():
+    """A [1, 1] learnable scale used to turn a 1-D x's y [N] into [1, N]; the gradient still flows."""
+    x, w, a, b, _ = lora_inputs(1, 8, 4, 2)
+    x = x[0]
+    s = torch.full((1, 1), 0.7, requires_grad=True)
+    with fused_lora.use_backend("reference"):
+        y = fused_lora.lora_linear(x, w, a, b, s)
+    assert y.shape == (4,)
+    y.sum().backward()
+    assert s.grad.shape == (1, 1)
+    torch.testing.assert_close(s.grad[0, 0], ((x @ a.t()) @ b.t()).sum())

@@ -6,6 +6,9 @@ kernels themselves run for real (TMA descriptors included: the interpreter execu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +228,75 @@ def test_impl_selection_rules(monkeypatch):
     contextvars.Context().run(fresh)
     with pytest.raises(ValueError, match="impl must be one of"):
         impl.use_impl("cublas").__enter__()
+
+
+def test_fp32_adapters_cancelling_term_stays_finite(path, implementation, device):
+    """fp16 x with fp32 adapters, x·Wᵀ = -60000 and the low-rank term +70000 (beyond fp16's 65504): y is
+    10000 and must come out finite by both implementations. The hybrid used to round the term to fp16
+    before cuBLAS added x·Wᵀ (inf); likewise T = g·A against dY·W in the backward's dX."""
+    K, N, r = 16, 16, 4
+    x = torch.ones(2, K, dtype=torch.float16, device=device, requires_grad=True)
+    w = torch.full((N, K), -60000.0 / K, device=device).half()
+    a = torch.full((r, K), 1.0 / K, device=device)
+    b = torch.full((N, r), 70000.0 / r, device=device)
+    y = fused_lora.lora_linear(x, w, a, b, 1.0, bias=torch.full((N,), 0.5, device=device))
+    torch.testing.assert_close(y.float(), torch.full_like(y, 10000.5, dtype=torch.float32), rtol=2e-3, atol=0)
+
+    w2 = torch.full((N, K), -60000.0 / N, device=device).half()  # dY·W = -60000 with dY = ones
+    a2 = torch.full((r, K), 70000.0 / (r * N), device=device)  # g·A = +70000 (g = dY·B = N with B = 1)
+    fused_lora.lora_linear(x, w2, a2, torch.ones(N, r, device=device), 1.0).backward(
+        torch.ones(2, N, dtype=torch.float16, device=device)
+    )
+    torch.testing.assert_close(x.grad.float(), torch.full((2, K), 10000.0, device=device), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "42", '"x"', "{}", '{"choices": []}', "SCOPED_LIST", "SCOPED_NULL"])
+def test_tuner_treats_a_cache_file_of_the_wrong_shape_as_empty(fake_gpu, tmp_path, content):
+    """Valid JSON that is not {"scope": ..., "choices": {...}} used to raise AttributeError out of every
+    call; it is an empty cache, then overwritten by the next choice."""
+    scope = json.dumps(tuning._scope())
+    content = {"SCOPED_LIST": f'{{"scope": {scope}, "choices": []}}', "SCOPED_NULL": f'{{"scope": {scope}}}'}.get(
+        content, content
+    )
+    disk = tuning._disk()
+    disk.path.write_text(content)
+    bench = lambda name: lambda: name
+    assert tuning.table("shape-table").pick(("k",), ["slow", "fast"], bench, torch.device("cpu")) == "fast"
+    assert json.loads(disk.path.read_text())["choices"]
+
+
+def test_tuner_keeps_choices_in_memory_when_the_cache_cannot_be_read(fake_gpu, monkeypatch):
+    """An OSError from the cache file (a directory one may not enter, a name too long) must not escape:
+    the choice is timed and kept in memory."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    tuning._disk()  # the scope (a hash of the kernels' source) is read first; the cache file is not
+    for name in ("is_file", "exists", "read_text", "write_text", "stat", "mkdir"):
+        monkeypatch.setattr(Path, name, refuse)
+    table = tuning.table("noaccess-table")
+    bench = lambda name: lambda: name
+    assert table.pick(("k",), ["slow", "fast"], bench, torch.device("cpu")) == "fast"
+    assert table.pick(("k",), ["slow", "fast"], bench, torch.device("cpu")) == "fast" and len(fake_gpu) == 2
+
+
+def test_cache_dir_expands_the_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FUSED_LORA_CACHE_DIR", "~/fl_cache")
+    assert tuning.cache_dir() == tmp_path / "fl_cache"
+    monkeypatch.setenv("FUSED_LORA_CACHE_DIR", " OFF ")
+    assert tuning.cache_dir() is None
+
+
+@pytest.mark.parametrize(("value", "on"), [("0", False), (" off\n", False), ("FALSE", False), ("no", False),
+                                           ("1", True), ("On", True), ("true ", True), ("", True)])  # fmt: skip
+def test_autotune_variable_is_parsed_as_a_boolean(monkeypatch, value, on):
+    monkeypatch.setenv("FUSED_LORA_AUTOTUNE", value)
+    assert tuning.autotune_enabled() is on
+
+
+def test_autotune_variable_rejects_anything_else(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match=r"FUSED_LORA_AUTOTUNE must be one of .*got 'maybe'"):
+        tuning.autotune_enabled()
