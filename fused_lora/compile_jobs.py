@@ -79,11 +79,12 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) ->
                 threshold="i32", group_n="i32", groups_ptr="*i32", **strides)
 
 
-def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool) -> dict:
+def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool, out_dt: str | None = None) -> dict:
     M, r = sizes["M"], 64
     n_out = sizes["K"] if backward else sizes["N"]
     lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
-    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr="*" + dt, seed_ptr="*i64",
+    out = "*" + (out_dt or dt)
+    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr=out, seed_ptr="*i64",
                 M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
                 threshold="i32", group_n="i32", groups_ptr="*i32", **lr)
 
@@ -134,11 +135,16 @@ def gemm_jobs(sizes: dict) -> list[Job]:
 def low_rank_jobs(sizes: dict) -> list[Job]:
     from fused_lora.kernels.configs import LOW_RANK, R_CHUNK, keep_gemm
 
+    # fp16 activations with fp32 adapters: the term is written in fp32 for cuBLAS's fp32-output addmm
+    # (fused_lora/impl.py; a 16-bit C could overflow where y is finite), in the TF32 mode of fp16 x.
+    fp32_out = (("y+bias, fp16 x/W, fp32 A/B, fp32 C", "fp16", "fp32", False),
+                ("dX+dropout, fp16, fp32 A/B, fp32 T", "fp16", "fp32", True))  # fmt: skip
     jobs = []
     for c in LOW_RANK:
-        for label, dt, lora_dt, backward in GEMM_VARIANTS[:3]:
+        for label, dt, lora_dt, backward in (*GEMM_VARIANTS[:3], *fp32_out):
+            out_dt = "fp32" if dt == "fp16" else dt
             for tma in (True, False):
-                archs = _admitted(keep_gemm, c, BYTES[dt], backward, tma=tma)
+                archs = _admitted(keep_gemm, c, BYTES[out_dt], backward, tma=tma)
                 archs = tuple(a for a in archs if a >= 90) if tma else tuple(a for a in archs if a < 90)
                 if not archs:
                     continue
@@ -146,7 +152,7 @@ def low_rank_jobs(sizes: dict) -> list[Job]:
                             **_modes(dt, lora_dt, kept=False), TMA=tma,
                             R_NR=tma and not backward, R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
                             BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
-                args = _low_rank_args(dt, lora_dt, sizes, backward)
+                args = _low_rank_args(dt, lora_dt, sizes, backward, out_dt)
                 variant = f"{label.replace('y+', 'C=').replace('dX+', 'T=')}, {'TMA' if tma else 'pointers'}"
                 jobs.append(Job("_low_rank_kernel", "low_rank", _cfg_name(c), variant, args, meta,
                                 c.num_warps, c.num_stages, True, archs, tma))  # fmt: skip

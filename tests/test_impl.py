@@ -138,6 +138,7 @@ def test_dropout_probability_is_quantised_to_2_pow_minus_16(device):
 def fake_gpu(monkeypatch, tmp_path):
     """A tuner that 'times' on any device with a scripted timer, its disk cache in tmp_path."""
     monkeypatch.setenv("FUSED_LORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSED_LORA_AUTOTUNE", raising=False)  # gpu_check.sh runs the suite with it at 0
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "capturing", lambda device: False)
     tuning.reset_caches()

@@ -15,6 +15,11 @@ def good():
     return lora_inputs(6, 10, 8, 3)
 
 
+@pytest.fixture
+def good_dev(device):  # the kernels' device: on a GPU machine the triton backend refuses CPU tensors first
+    return lora_inputs(6, 10, 8, 3, device=device)
+
+
 def call(x, w, a, b, bias=None, s=1.0, p=0.0):
     return fused_lora.lora_linear(x, w, a, b, s, bias=bias, dropout_p=p)
 
@@ -52,9 +57,9 @@ def test_bad_dropout_type(good):
 
 
 @pytest.mark.parametrize("s", [float("inf"), "2", None])
-def test_bad_scaling(good, s):
+def test_bad_scaling(good_dev, s):
     with pytest.raises(TypeError, match="scaling"):
-        call(*good, s=s)
+        call(*good_dev, s=s)
 
 
 def test_layer_arguments():
@@ -69,8 +74,8 @@ def test_layer_arguments():
         layer(torch.randn(3, 9))
 
 
-def test_float64_needs_the_reference_backend(good):
-    x, w, a, b, bb = (t.double() for t in good)
+def test_float64_needs_the_reference_backend(good_dev):
+    x, w, a, b, bb = (t.double() for t in good_dev)
     with pytest.raises(TypeError, match="reference"):
         call(x, w, a, b, bb)
     with fused_lora.use_backend("reference"):
