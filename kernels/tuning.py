@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,19 @@ def force(table: str, choice: str) -> Iterator[None]:
 
 
 _ON, _OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_label(device: torch.device) -> str:
+    """What a timing is valid for: the GPU model (one process may drive different models), else the
+    device type."""
+    if device.type != "cuda":
+        return device.type
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def autotune_enabled() -> bool:
@@ -86,7 +100,7 @@ class Choices:
             return forced
         if len(candidates) == 1 or not autotune_enabled():
             return candidates[0]
-        full_key = (*key, tuple(candidates))
+        full_key = (device_label(device), *key, tuple(candidates))  # a choice belongs to one GPU model
         hit = self._memory.get(full_key)
         if hit is not None:
             return hit

@@ -79,10 +79,14 @@ def num_programs(device: torch.device) -> int:
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """True when TMA can address every 2-D tensor given: last stride 1, the other stride and the base
-    address multiples of 16 bytes (the hardware's rule; Triton's descriptors require it)."""
+    address multiples of 16 bytes (the hardware's rule; Triton's descriptors require it), and rows that
+    do not overlap (an expanded view's row stride of 0, or rows closer than their length, go through
+    pointers: nothing promises that a descriptor over overlapping rows is accepted)."""
     for t in tensors:
         e = t.element_size()
         if t.stride(1) != 1 or (t.stride(0) * e) % 16 or t.data_ptr() % 16:
+            return False
+        if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
             return False
     return True
 

@@ -301,3 +301,28 @@ def test_autotune_variable_rejects_anything_else(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_AUTOTUNE", "maybe")
     with pytest.raises(ValueError, match=r"FUSED_LORA_AUTOTUNE must be one of .*got 'maybe'"):
         tuning.autotune_enabled()
+
+
+def test_tuner_choices_belong_to_one_gpu_model(fake_gpu, monkeypatch):
+    """One process may drive two GPU models: a choice timed on one is not reused on the other (the key
+    used to carry no device identity)."""
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(tuning, "_cuda_name", lambda index: names[index], raising=False)
+    table = tuning.table("test-devices")
+    bench = lambda name: lambda: name
+    for index in (0, 1, 0, 1):
+        assert table.pick(("k",), ["slow", "fast"], bench, torch.device("cuda", index)) == "fast"
+    assert fake_gpu == ["slow", "fast"] * 2, "timed once per GPU model, then remembered"
+
+
+def test_tma_is_never_asked_to_address_overlapping_rows():
+    """An expanded x or dY (row stride 0: one row broadcast to M) or rows closer than their length used
+    to pass tma_compatible (0 is a multiple of 16 bytes) and would have gone to a descriptor on Hopper;
+    they take the pointer path now. Ordinary and row-padded views still qualify."""
+    from fused_lora.kernels.utils import row_padded, tma_compatible
+
+    base = torch.zeros(4096, dtype=torch.bfloat16)
+    assert not tma_compatible(base[:64].expand(32, 64))
+    assert not tma_compatible(base.as_strided((32, 64), (8, 1)))  # rows 16 bytes apart, 128 bytes long
+    assert tma_compatible(base[:2048].view(32, 64)) and tma_compatible(row_padded(5, 12, "cpu"))
+    assert tma_compatible(base[:64].expand(1, 64))  # one row: nothing overlaps
