@@ -121,54 +121,37 @@ def ratio_tables(rows: list[dict], measured: bool, mode: str) -> list[str]:
     return out
 
 
-def peak_table(rows: list[dict]) -> list[str]:
-    """Peak memory of one training step (measured rows only), MB, at the reference shape."""
-    peak = [r for r in rows if r.get("peak_mb") is not None and r["shape"] == REF["shape"] and r["M"] == REF["M"]]
-    ranks = sorted({r["r"] for r in peak})
+def _rank_table(rows: list[dict], field: str, spec: str) -> list[str]:
+    """`field` of each (provider, dropout) row per rank: one line per provider and dropout that has any."""
+    ranks = sorted({r["r"] for r in rows})
     out = [
         "| provider | dropout | " + " | ".join(f"r={r}" for r in ranks) + " |",
         "|---|---" + "|---" * len(ranks) + "|",
     ]
     for prov in PROVIDERS:
-        for p in sorted({r["dropout"] for r in peak}):
-            cells = [
-                next(
-                    (_fmt(r["peak_mb"], ".0f") for r in peak if (r["provider"], r["dropout"], r["r"]) == (prov, p, rk)),
-                    "-",
-                )
-                for rk in ranks
-            ]
+        for p in sorted({r["dropout"] for r in rows}):
+            value = {r["r"]: r[field] for r in rows if (r["provider"], r["dropout"]) == (prov, p)}
+            cells = [_fmt(value.get(rk), spec) for rk in ranks]
             if any(c != "-" for c in cells):
                 out.append(f"| {prov} | {p:g} | " + " | ".join(cells) + " |")
     return out
+
+
+def _at_ref(rows: list[dict], field: str) -> list[dict]:
+    return [r for r in rows if r.get(field) is not None and r["shape"] == REF["shape"] and r["M"] == REF["M"]]
+
+
+def peak_table(rows: list[dict]) -> list[str]:
+    """Peak memory of one training step (measured rows only), MB, at the reference shape."""
+    return _rank_table([r for r in _at_ref(rows, "peak_mb") if r["mode"] == "fwdbwd"], "peak_mb", ".0f")
 
 
 def saved_table(rows: list[dict]) -> list[str]:
     """Bytes kept for backward, MB, at the reference shape: the no-GPU run's "saved" rows (meta device),
     else what the measured forward+backward rows recorded (CUDA)."""
-    ref = [r for r in rows if r.get("saved_mb") is not None and r["shape"] == REF["shape"] and r["M"] == REF["M"]]
+    ref = _at_ref(rows, "saved_mb")
     saved = [r for r in ref if r["mode"] == "saved"] or [r for r in ref if r["mode"] == "fwdbwd"]
-    ranks = sorted({r["r"] for r in saved})
-    out = [
-        "| provider | dropout | " + " | ".join(f"r={r}" for r in ranks) + " |",
-        "|---|---" + "|---" * len(ranks) + "|",
-    ]
-    for prov in PROVIDERS:
-        for p in sorted({r["dropout"] for r in saved}):
-            cells = [
-                next(
-                    (
-                        _fmt(r["saved_mb"], ".2f")
-                        for r in saved
-                        if (r["provider"], r["dropout"], r["r"]) == (prov, p, rk)
-                    ),
-                    "-",
-                )
-                for rk in ranks
-            ]
-            if any(c != "-" for c in cells):
-                out.append(f"| {prov} | {p:g} | " + " | ".join(cells) + " |")
-    return out
+    return _rank_table(saved, "saved_mb", ".2f")
 
 
 WHY_MODELLED = (
