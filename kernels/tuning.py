@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -148,8 +149,9 @@ def measure(fn: Callable[[], object]) -> float:
 
 
 class _DiskCache:
-    """choices-<scope hash>.json: {"scope": ..., "choices": {"table|key": choice}}; re-read before
-    every write so processes sharing the directory merge rather than overwrite."""
+    """choices-<scope hash>.json: {"scope": ..., "choices": {"table|key": choice}}; re-read and merged
+    before every write, under an advisory lock (choices-<hash>.lock), so processes sharing the directory
+    keep each other's choices; written to a temporary file and renamed, so a reader never sees half."""
 
     def __init__(self, directory: Path | None, scope: str) -> None:
         self.path = directory / f"choices-{hashlib.sha1(scope.encode()).hexdigest()[:16]}.json" if directory else None
@@ -178,16 +180,34 @@ class _DiskCache:
         return self.entries.get(f"{table}|{key!r}")
 
     def put(self, table: str, key: tuple, choice: str) -> None:
-        self.entries = {**self._read(), **(self.entries or {}), f"{table}|{key!r}": choice}
+        new = {f"{table}|{key!r}": choice}
         if self.path is None:
+            self.entries = {**(self.entries or {}), **new}
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"scope": self.scope, "choices": self.entries}, indent=0))
-            tmp.replace(self.path)
+            with _file_lock(self.path.with_suffix(".lock")):  # read, merge and replace as one step
+                self.entries = {**self._read(), **(self.entries or {}), **new}
+                tmp = self.path.with_suffix(f".{socket.gethostname()}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"scope": self.scope, "choices": self.entries}, indent=0))
+                tmp.replace(self.path)
         except OSError:  # a read-only home: keep the choice in memory
-            pass
+            self.entries = {**(self.entries or {}), **new}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An advisory lock between processes sharing the cache directory (best effort: where flock does not
+    exist or fails, e.g. some network file systems, the merge still happens, only unserialised)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 _DISK: _DiskCache | None = None
