@@ -97,13 +97,21 @@ class MergedLinear(LoRALinear):
     def _build_index(self, device: torch.device) -> None:
         """loralib's ``lora_ind`` (which output rows have an adapter) and each group's rank-column bounds,
         from enable_lora: buffers (they follow .to(device)), not saved (loralib's state_dict keys)."""
-        ind = torch.zeros(len(self.enable_lora), self.group_n, dtype=torch.bool, device=device)
-        ind[list(self.enable_lora)] = True
+        ind = torch.tensor(self.enable_lora, dtype=torch.bool).repeat_interleave(self.group_n)
         bounds = [0]
         for e in self.enable_lora:
             bounds.append(bounds[-1] + (self.r if e else 0))
-        self.register_buffer("lora_ind", ind.view(-1), persistent=False)
-        self.register_buffer("group_bounds", torch.tensor(bounds, dtype=torch.int32, device=device), persistent=False)
+        bounds = torch.tensor(bounds, dtype=torch.int32)
+        for name, value in (("lora_ind", ind), ("group_bounds", bounds)):
+            old = self._buffers.get(name)
+            if old is not None and old.device == device and old.dtype == value.dtype and old.device.type != "meta":
+                try:
+                    with torch.no_grad():  # in place: a CUDA graph captured earlier keeps reading this storage
+                        old.copy_(value)
+                    continue
+                except RuntimeError:  # an inference tensor outside inference_mode: a new one, then
+                    pass
+            self.register_buffer(name, value.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """Also made anew after every move: ``to_empty`` (a meta-device model materialised, FSDP2's and
@@ -132,10 +140,15 @@ class MergedLinear(LoRALinear):
         """B_full [out_features, r·g]: B_j in the rows of the j-th enabled group, columns j·r … (j+1)·r,
         zero elsewhere — ΔW = s·B_full·A is loralib's zero-padded merge_AB(). Differentiable in B."""
         B = self.lora_B if lora_B is None else lora_B
-        g = sum(self.enable_lora)
-        blocks = torch.block_diag(*B.split(self.group_n, dim=0)) if g > 1 else B
-        out = B.new_zeros((self.out_features, self.r * g))
-        return out.index_put((self.lora_ind,), blocks)
+        g, r, n = sum(self.enable_lora), self.r, self.group_n
+        rows, k = [], 0
+        for enabled in self.enable_lora:  # row blocks in order; no boolean indexing: that is a host sync
+            if enabled:  # on a GPU (nonzero), and this runs on every forward
+                rows.append(F.pad(B[k * n : (k + 1) * n], (k * r, (g - k - 1) * r)))
+                k += 1
+            else:
+                rows.append(B.new_zeros((n, r * g)))
+        return torch.cat(rows, dim=0)
 
     def split_block_b(self, b_full: torch.Tensor) -> torch.Tensor:
         """lora_B [N/G·g, r] from a B_full [out_features, r·g] (a PEFT adapter file of this layer); a

@@ -49,15 +49,17 @@ def lora_linear(
 
     `dropout_mask` (bool, x's shape) replaces the random mask: tests pass the kernels' own mask.
     `groups` = (group_n, bounds): output column n uses only rank columns bounds[q] .. bounds[q + 1] of
-    its row of B, q = n // group_n (B is zeroed elsewhere; checked by the caller)."""
+    its row of B, q = n // group_n. The gradient of B is the dense one (dYᵀ·xa everywhere), as the
+    kernels compute it: B is meant to be zero outside the blocks and kept so by the caller (MergedLinear
+    builds it from its blocks, so nothing reaches the other entries)."""
     y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
     if lora_A.shape[0] == 0:
         return y
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and dropout_mask is None:
         dropout_mask = draw_dropout_mask(x, p)
-    if groups is not None:
-        lora_B = lora_B * group_mask(lora_B, *groups)
+    if groups is not None:  # forward: only the blocks; gradient of B: dense, as the kernels compute dB
+        lora_B = lora_B + (lora_B * group_mask(lora_B, *groups) - lora_B).detach()
     dt = torch.promote_types(x.dtype, lora_A.dtype)
     xd = dropped(x, p, dropout_mask).to(dt)
     low = F.linear(F.linear(xd, lora_A.to(dt)), lora_B.to(dt)) * scaling

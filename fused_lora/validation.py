@@ -98,17 +98,21 @@ def check_scaling(scaling) -> float:
 def check_learnable_scaling(scaling: torch.Tensor) -> torch.Tensor:
     """A learnable scale (requires grad, reference backend) under check_scaling's rules — one element, real,
     finite, within float32's range — kept a tensor so autograd sees it, as a 0-d tensor so broadcasting
-    cannot change y's shape. Its value is read once (a host sync on a GPU; skipped under torch.compile)."""
+    cannot change y's shape. Its value is read (a host sync on a GPU) once per tensor and version — again
+    after an optimizer step changes it, not on every call — and never under torch.compile or a capture."""
     if scaling.numel() != 1:
         raise TypeError(f"scaling must be a real number or a one-element tensor, got shape {list(scaling.shape)}")
     if not scaling.is_floating_point():
         raise TypeError(f"a learnable scaling must be a floating-point tensor, got dtype {scaling.dtype}")
-    if scaling.device.type != "meta" and not torch.compiler.is_compiling():
+    if scaling.device.type != "meta" and not torch.compiler.is_compiling() and not _checked(scaling, None):
+        if scaling.is_cuda and torch.cuda.is_current_stream_capturing():
+            return scaling.reshape(())
         value = scaling.detach().item()
         if not math.isfinite(value):
             raise TypeError(f"scaling must be a finite real number, got {value!r}")
         if abs(value) > FP32_MAX:
             raise ValueError(f"scaling must be within float32's range (|scaling| <= {FP32_MAX:.4g}), got {value!r}")
+        _checked(scaling, None, record=True)
     return scaling.reshape(())
 
 
@@ -163,9 +167,10 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias=None) -> None:
         raise TypeError(f"bias is {bias.dtype}; with x in {x.dtype} it must be {_allowed(x.dtype)}")
 
 
-# bounds tensors whose values were read and found valid: {bounds: (its version counter, r)}. MergedLinear
-# passes the same buffer on every call, so a GPU syncs once to check it, not once per call.
-_CHECKED_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Tensors whose values were read and found valid: {tensor: (its version counter, what it was checked
+# for)} — groups' bounds (for r) and learnable scales. MergedLinear passes the same bounds buffer and a
+# learnable scale is the same parameter on every call, so a GPU syncs once to check it, not per call.
+_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def check_groups(groups, N: int, r: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
@@ -201,18 +206,28 @@ def check_groups(groups, N: int, r: int, device: torch.device) -> tuple[int, tor
     return int(group_n), bounds.to(torch.int32)
 
 
-def _check_bound_values(bounds: torch.Tensor, r: int) -> None:
+def _checked(t: torch.Tensor, tag, record: bool = False) -> bool:
+    """Whether `t`'s values were checked (for `tag`) at its current version; `record` marks them so. An
+    inference tensor has no version counter: it counts as one version."""
     try:
-        version = bounds._version
-    except RuntimeError:  # an inference tensor has no version counter: check it every time
-        version = None
-    if version is not None and _CHECKED_BOUNDS.get(bounds) == (version, r):
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        version = "inference"
+    if record:
+        _CHECKED[t] = (version, tag)
+    return _CHECKED.get(t) == (version, tag)
+
+
+def _check_bound_values(bounds: torch.Tensor, r: int) -> None:
+    """Read the bounds (a host sync on a GPU) once per tensor and version. An inference tensor has no
+    version counter: it is read once too (checking it every call was a sync per forward for a MergedLinear
+    built under inference_mode). Never read while a CUDA graph is being captured (it would raise)."""
+    if _checked(bounds, r) or (bounds.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     values = bounds.tolist()
     if values[0] < 0 or values[-1] > r or any(b < a for a, b in itertools.pairwise(values)):
         raise ValueError(f"groups' bounds {values} must be non-decreasing rank-column offsets within [0, r] = [0, {r}]")
-    if version is not None:
-        _CHECKED_BOUNDS[bounds] = (version, r)
+    _checked(bounds, r, record=True)
 
 
 def _allowed(x_dtype: torch.dtype) -> str:

@@ -68,3 +68,25 @@ def lora_inputs(
 
 def f64(*ts):
     return [t.double().cpu() if t is not None else None for t in ts]
+
+
+def host_syncs(fn) -> list[str]:
+    """The aten ops `fn()` dispatches that make a GPU wait for the host to read a value: item()/tolist()
+    (_local_scalar_dense), nonzero, masked_select, and indexing with a bool mask (a nonzero inside).
+    Seen on CPU tensors too, so a test without a GPU can tell that a GPU run would sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+            bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+            if name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_index:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        fn()
+    return seen

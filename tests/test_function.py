@@ -12,7 +12,7 @@ from fused_lora import reference
 from fused_lora.function import _draw_seed
 from fused_lora.kernels import dropout_mask
 
-from helpers import lora_inputs
+from helpers import host_syncs, lora_inputs
 
 P = 0.3
 SEED = 99
@@ -237,3 +237,21 @@ def test_learnable_scaling_keeps_y_shape_and_its_gradient():
     y.sum().backward()
     assert s.grad.shape == (1, 1)
     torch.testing.assert_close(s.grad[0, 0], ((x @ a.t()) @ b.t()).sum())
+
+
+def test_learnable_scaling_is_read_once_per_value():
+    """Checking a learnable scale read its value (.item(): a host sync on a GPU) on every call. It is read
+    once, and again only after the scale changes (an optimizer step), which is still checked."""
+    x, w, a, b, _ = lora_inputs(3, 8, 4, 2)
+    s = torch.nn.Parameter(torch.tensor(0.7))
+
+    def call():
+        with fused_lora.use_backend("reference"):
+            fused_lora.lora_linear(x, w, a, b, s).sum().backward()
+
+    call()
+    assert host_syncs(call) == []
+    with torch.no_grad():
+        s.fill_(float("nan"))  # as a diverged optimizer step would
+    with pytest.raises(TypeError, match="finite"):
+        call()

@@ -4,6 +4,7 @@ group's adapter in the GEMM's epilogue, on group boundaries that cut tiles."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -15,7 +16,7 @@ from fused_lora import MergedLinear, impl, reference
 from fused_lora.function import _draw_seed
 from fused_lora.kernels import LAUNCHES, dropout_mask, tuning
 
-from helpers import assert_close_to_ref, f64
+from helpers import assert_close_to_ref, f64, host_syncs
 
 loralib = pytest.importorskip("loralib")
 
@@ -208,3 +209,42 @@ def test_adapter_files_round_trip_with_peft(tmp_path, device):
     fresh[0].lora_alpha = 1  # the file's scaling is taken, converted back to rank r
     fused_lora.load_adapter(fresh, tmp_path)
     assert torch.equal(fresh[0].lora_B, model[0].lora_B) and fresh[0].lora_alpha == 6
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("inference_built", [False, True])
+def test_training_steps_make_no_host_sync(device, backend, inference_built):
+    """A GPU must never wait for the host inside a MergedLinear step: block_b indexed with a bool mask (a
+    nonzero per forward), and bounds built under inference_mode were re-read (tolist) on every call.
+    After the first call (which checks the bounds once) nothing reads a value back."""
+    ctx = torch.inference_mode() if inference_built else contextlib.nullcontext()
+    with ctx:
+        layer = MergedLinear(24, 3 * 20, r=3, lora_alpha=6, enable_lora=[True, False, True], device=device)
+    layer = _materialise(layer) if inference_built else layer
+    x = torch.randn(5, 24, device=device)
+
+    def step():
+        with fused_lora.use_backend(backend):
+            layer(x).square().mean().backward()
+
+    step()
+    assert host_syncs(step) == []
+
+
+def _materialise(layer):
+    """An inference-built layer's parameters as normal tensors (what loading a checkpoint does); its
+    buffers stay inference tensors."""
+    for name, p in list(layer.named_parameters(recurse=False)):
+        setattr(layer, name, torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad))
+    return layer
+
+
+def test_moves_keep_the_index_buffers_storage(device):
+    """`.to(same device)` or `.float()` rebuilt lora_ind and group_bounds as new tensors: a CUDA graph
+    captured before would read freed memory. They are refreshed in place now."""
+    layer = MergedLinear(24, 3 * 20, r=3, lora_alpha=6, enable_lora=[True, False, True], device=device)
+    ptrs = (layer.lora_ind.data_ptr(), layer.group_bounds.data_ptr())
+    layer.to(device)
+    layer.float()
+    assert (layer.lora_ind.data_ptr(), layer.group_bounds.data_ptr()) == ptrs
+    assert layer.group_bounds.tolist() == [0, 3, 3, 6]
