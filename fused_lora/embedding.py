@@ -63,7 +63,7 @@ def check_indices(idx, num_embeddings: int, name: str = "input") -> None:
         return  # no values to read (meta), or reading them would break the compiled graph
     if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
-    lo, hi = (int(v) for v in torch.aminmax(idx))
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one read back (a GPU waits once), not two
     if lo < 0 or hi >= num_embeddings:
         bad = ((idx < 0) | (idx >= num_embeddings)).nonzero()[0].tolist()
         value = int(idx[tuple(bad)])

@@ -71,8 +71,8 @@ def f64(*ts):
 
 
 def host_syncs(fn) -> list[str]:
-    """The aten ops `fn()` dispatches that make a GPU wait for the host to read a value: item()/tolist()
-    (_local_scalar_dense), nonzero, masked_select, and indexing with a bool mask (a nonzero inside).
+    """What `fn()` does that makes a GPU wait for the host to read a value: item() (_local_scalar_dense),
+    tolist(), nonzero, masked_select, and indexing with a bool mask (a nonzero inside).
     Seen on CPU tensors too, so a test without a GPU can tell that a GPU run would sync."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -87,6 +87,16 @@ def host_syncs(fn) -> list[str]:
                 seen.append(name)
             return func(*args, **(kwargs or {}))
 
-    with Watch():
-        fn()
+    real_tolist = torch.Tensor.tolist  # reads every value back, without dispatching an op on the CPU
+
+    def tolist(t):
+        seen.append("tolist")
+        return real_tolist(t)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with Watch():
+            fn()
+    finally:
+        torch.Tensor.tolist = real_tolist
     return seen

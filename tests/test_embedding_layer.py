@@ -189,3 +189,15 @@ def test_training_step_updates_only_adapters(device):
         nn.functional.mse_loss(layer(idx), target).backward()
         opt.step()
     assert torch.equal(layer.weight, w0) and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_index_check_reads_back_once_per_step(device):
+    """The clear out-of-range error needs the indices' min and max on the host: one read per forward
+    (it was two, min and max apart: two GPU waits); nothing else in a step reads a value back."""
+    from helpers import host_syncs
+
+    emb = fused_lora.Embedding(50, 16, r=2, lora_alpha=4, device=device)
+    idx = torch.randint(0, 50, (4, 7), device=device)
+    step = lambda: emb(idx).sum().backward()
+    step()
+    assert host_syncs(step) == ["tolist"]

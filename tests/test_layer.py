@@ -147,3 +147,25 @@ def test_training_step_updates_only_adapters(device):
         opt.step()
     assert torch.equal(layer.weight, w0)
     assert torch.count_nonzero(layer.lora_B) > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["linear", "linear+dropout", "conv2d"])
+def test_a_training_step_reads_nothing_back(device, backend, kind):
+    """No item(), tolist(), nonzero or bool-mask indexing in a step: on a GPU each is a wait for the host
+    (the dropout seed is drawn on the device for the same reason)."""
+    from helpers import host_syncs
+
+    if kind == "conv2d":
+        layer, x = fused_lora.Conv2d(3, 4, 3, r=2, lora_alpha=4, device=device), torch.randn(2, 3, 8, 8, device=device)
+    else:
+        p = 0.1 if kind == "linear+dropout" else 0.0
+        layer = fused_lora.LoRALinear(24, 20, r=3, lora_alpha=6, lora_dropout=p, device=device)
+        x = torch.randn(5, 24, device=device, requires_grad=True)
+
+    def step():
+        with fused_lora.use_backend(backend):
+            layer(x).square().mean().backward()
+
+    step()
+    assert host_syncs(step) == []
