@@ -269,3 +269,16 @@ def test_adapter_file_errors(tmp_path):
     fused_lora.inject_lora(other, ["v_proj"], r=4)
     with pytest.raises(ValueError, match="do not match the adapter"):
         fused_lora.load_adapter(other, tmp_path / "a")
+
+
+@pytest.mark.parametrize("merge_weights", [False, True])
+def test_parametrized_targets_are_refused_clearly(merge_weights):
+    """A weight_norm'd Linear gave torch's 'cannot assign FloatTensor as parameter' (merge_weights=False) or
+    a bare KeyError (True)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Module()
+    model.proj = parametrizations.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"proj is parametrized.*remove_parametrizations"):
+        fused_lora.inject_lora(model, ["proj"], r=2, merge_weights=merge_weights)
+    assert parametrize.is_parametrized(model.proj) and not isinstance(model.proj, fused_lora.LoRALinear)  # untouched

@@ -218,7 +218,8 @@ def test_adapter_files_from_peft(tmp_path, device):
 
 def test_adapter_files_into_lora_layers_take_the_files_scaling(tmp_path, device):
     """Layers that are LoRA layers already (another lora_alpha, no rsLoRA, no dropout) take the file's
-    alpha, alpha_pattern, use_rslora and dropout: the model computes PEFT's outputs, also merged."""
+    alpha, alpha_pattern and use_rslora: the model computes PEFT's outputs, also merged. Their own dropout
+    (a per-layer training setting the file's single value cannot express) stays."""
     theirs = peft_net(r=3, alpha=16, alpha_pattern={"conv2": 7}, use_rslora=True, lora_dropout=0.25)
     theirs.save_pretrained(tmp_path / "theirs")
     inputs = ids()
@@ -228,7 +229,7 @@ def test_adapter_files_into_lora_layers_take_the_files_scaling(tmp_path, device)
         if merged:
             ours.eval()
         fused_lora.load_adapter(ours, tmp_path / "theirs")
-        assert (ours.conv2.lora_alpha, ours.conv2.use_rslora, ours.conv2.lora_dropout_p) == (7, True, 0.25)
+        assert (ours.conv2.lora_alpha, ours.conv2.use_rslora, ours.conv2.lora_dropout_p) == (7, True, 0.0)
         assert (ours.head.lora_alpha, ours.emb.scaling) == (16, 16 / 3**0.5)
         got = ours.eval()(inputs.to(device))
         assert_close_to_ref(f"ours on PEFT's file (merged={merged})", got, expected.double(), expected)
@@ -320,3 +321,12 @@ def test_patched_float64_model_goes_back_to_peft(device):
     before = LAUNCHES.copy()
     assert torch.equal(model(inputs), expected)
     assert LAUNCHES - before == {}
+
+
+def test_reloading_our_own_adapter_keeps_each_layers_dropout(tmp_path):
+    """save_adapter writes one lora_dropout (the most common); loading the file back into the same model
+    set every layer to it, losing a layer's own 0.3."""
+    model = nn.Sequential(*(fused_lora.LoRALinear(8, 8, r=2, lora_alpha=4, lora_dropout=p) for p in (0.0, 0.0, 0.3)))
+    fused_lora.save_adapter(model, tmp_path)
+    fused_lora.load_adapter(model, tmp_path)
+    assert [layer.lora_dropout_p for layer in model] == [0.0, 0.0, 0.3]

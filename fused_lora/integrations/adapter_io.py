@@ -255,9 +255,10 @@ def _import(name: str, module: nn.Module, embedding: bool, a: torch.Tensor, b: t
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     """Load a PEFT LoRA adapter into a plain model: the named layers (nn.Linear, nn.Embedding,
     nn.Conv1d/2d/3d) become fused_lora's LoRA layers (unless they already are, with matching ranks) and
-    get the file's adapters, scaling (lora_alpha, alpha_pattern, use_rslora) and dropout — also layers that
-    were LoRA layers already, so the model computes what PEFT computes with this file. Returns the module
-    names.
+    get the file's adapters and scaling (lora_alpha, alpha_pattern, use_rslora) — also layers that were
+    LoRA layers already, so the model computes what PEFT computes with this file. New layers take the
+    file's lora_dropout; layers that were LoRA layers keep their own (a training setting, per layer, that
+    the file's single value cannot express). Returns the module names.
 
     Everything is checked before anything changes: a wrong file leaves the model as it was."""
     model = unwrap(model)
@@ -302,9 +303,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         a, b, _ = loaded[n]
         was_merged = layer.merged
         layer.unmerge()  # W's merge follows the adapters it holds, at the file's scaling
-        layer.lora_alpha, layer.use_rslora = alphas[n], rslora
-        if not isinstance(layer, Embedding):  # the file's dropout, as PEFT's from_pretrained takes it
-            layer.lora_dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
+        layer.lora_alpha, layer.use_rslora = alphas[n], rslora  # the file's scaling: what y depends on
         copy_full_into(layer.lora_A, a)
         copy_full_into(layer.lora_B, b)
         if was_merged:

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..conv import Conv1d, Conv2d, Conv3d, _ConvLoRA
 from ..distributed import full, reshard_all
@@ -130,6 +131,12 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
         if lora_class(m) is None:
             own = " with its own forward" if isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else ""
             raise TypeError(f"{n} matches target_modules but is a {type(m).__name__}{own}, not {ADAPTABLE}")
+        if parametrize.is_parametrized(m):
+            raise ValueError(
+                f"{n} is parametrized ({', '.join(m.parametrizations)}: weight_norm, orthogonal, ...): its weight "
+                "is computed on every call, so a LoRA layer cannot share it; remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
+            )
     return chosen
 
 
