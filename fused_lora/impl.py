@@ -111,7 +111,7 @@ def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     if c.device.type == "cuda":
         try:
             return torch.addmm(c, a, b, out_dtype=torch.float32)
-        except (TypeError, NotImplementedError):
+        except (TypeError, NotImplementedError, RuntimeError):  # no out_dtype, or not for these operands
             pass
     return c.addmm_(a.float(), b.float())
 
