@@ -95,11 +95,16 @@ def _fused_class():
                     dropout.training,
                 )
 
-        FusedLoraLinear.__module__ = __name__
-        FusedLoraLinear.__qualname__ = "FusedLoraLinear"
-        globals()["FusedLoraLinear"] = FusedLoraLinear
-        _FUSED_CLASS = FusedLoraLinear
+        _FUSED_CLASS = _importable(FusedLoraLinear)
     return _FUSED_CLASS
+
+
+def _importable(cls: type) -> type:
+    """`cls` (made inside a function, on PEFT's class) as a top-level name of this module, so pickle finds
+    it by module and name in a new process."""
+    cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    globals()[cls.__name__] = cls
+    return cls
 
 
 def _fused_embedding_class():
@@ -129,10 +134,7 @@ def _fused_embedding_class():
                     emb.sparse,
                 )
 
-        FusedLoraEmbedding.__module__ = __name__
-        FusedLoraEmbedding.__qualname__ = "FusedLoraEmbedding"
-        globals()["FusedLoraEmbedding"] = FusedLoraEmbedding
-        _FUSED_EMBEDDING_CLASS = FusedLoraEmbedding
+        _FUSED_EMBEDDING_CLASS = _importable(FusedLoraEmbedding)
     return _FUSED_EMBEDDING_CLASS
 
 
