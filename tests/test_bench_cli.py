@@ -83,7 +83,7 @@ def test_without_a_gpu_the_plots_show_modelled_time_and_saved_bytes(tmp_path):
     assert cli.main([*argv, "--no-plots", "--no-progress"]) == 0
     rows = plots.load(out)
     assert not any(r["speed_valid"] for r in rows)
-    titles = {name: fig._suptitle.get_text() for name, fig in plots.figures(rows)}
+    titles = {name: " ".join(fig._suptitle.get_text().split()) for name, fig in plots.figures(rows)}  # unwrapped
     assert sorted(titles) == ["modelled-time-fwdbwd", "saved-bytes"]
     assert (
         titles["modelled-time-fwdbwd"].startswith("MODELLED time")
