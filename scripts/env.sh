@@ -32,7 +32,7 @@ if ! has_module torch; then
     pip install -q "torch==$torch_version"
   else
     echo "env.sh: no NVIDIA GPU found: installing torch $torch_version's CPU build" \
-         "(FUSED_LORA_TORCH_INDEX=https://pypi.org/simple for the CUDA one)" >&2
+         "(FUSED_LORA_TORCH_INDEX=<an index URL> installs another)" >&2
     pip install -q "torch==$torch_version+cpu" 2> /dev/null \
       || pip install -q "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
   fi
