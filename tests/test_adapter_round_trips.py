@@ -63,11 +63,11 @@ SUFFIX_CASES = {
     "numeric 0": {"seq.0": (3, 3), "seq.1.0": (4, 8), "seq.1.2": (4, 8), "fc": (4, 8)},
     "only fc, head.fc plain": {"fc": (2, 6), "seq.0": (4, 4), "seq.1.2": (4, 4)},
 }
-# the keys written: the escaped name where it names one module (every PEFT version reads it), else ^ + it
+# the keys written: ^ + the escaped name, only for the modules whose value is not the config's
 SUFFIX_KEYS = {
     "rank and alpha of fc": ({"^fc": 2}, {"^fc": 2}),
-    "alpha of head.fc": ({}, {r"head\.fc": 4}),  # no other module ends in head.fc
-    "numeric 0": ({r"seq\.0": 3}, {r"seq\.0": 3}),  # no other module ends in seq.0
+    "alpha of head.fc": ({}, {r"^head\.fc": 4}),
+    "numeric 0": ({r"^seq\.0": 3}, {r"^seq\.0": 3}),
     "only fc, head.fc plain": ({"^fc": 2}, {"^fc": 6}),
 }
 

@@ -10,9 +10,11 @@ what it does). Values are checked too (r, lora_alpha, lora_dropout, use_rslora, 
 Per-module ranks and alphas: PEFT gives module ``name`` the value of the first key of ``rank_pattern``
 (``alpha_pattern``) that matches ``(.*\\.)?(key)$`` from the start of the name (PEFT ≥ 0.15's
 ``get_pattern_key``), else ``r`` (``lora_alpha``). A key is thus a suffix rule: ``fc`` also matches
-``head.fc``, ``0`` also matches ``1.0``. :func:`pattern_key` writes the escaped full name where it
-matches that module only, else ``^`` + it, which does (the form PEFT's documentation recommends for
-exactly this; PEFT < 0.15 matched ``.*\\.(key)$`` and reads no ``^`` key).
+``head.fc``, ``0`` also matches ``1.0``. :func:`pattern_key` writes ``^`` + the escaped full name, which
+matches that module only (the form PEFT's documentation recommends for exactly this). PEFT < 0.15 matched
+``.*\\.(key)$``, else looked the module's name itself up; neither finds an anchored key, so per-module
+ranks and alphas in these files need PEFT ≥ 0.15 (the escaped full names written before were found there
+only for top-level names without a dot).
 """
 
 from __future__ import annotations
@@ -57,14 +59,10 @@ KNOWN = {
 }  # fmt: skip
 
 
-def pattern_key(name: str, names: list[str]) -> str:
-    """A rank_pattern / alpha_pattern key that PEFT and :func:`pattern_value` match with module `name`
-    and no other of the model's module `names`: the escaped name where that is already the case (a form
-    every PEFT version reads), else ``^`` + it (PEFT ≥ 0.15)."""
-    key = re.escape(name)
-    if [n for n in names if re.match(rf"(.*\.)?({key})$", n)] == [name]:
-        return key
-    return "^" + key
+def pattern_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT (≥ 0.15) and :func:`pattern_value` match with module
+    `name` and no other: ``^`` + the escaped name."""
+    return "^" + re.escape(name)
 
 
 def pattern_value(patterns: dict, name: str, default):

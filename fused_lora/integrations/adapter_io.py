@@ -17,7 +17,7 @@ loads back with the rank it was saved from. Only convolutions PEFT adapts the sa
 groups = 1, dilation 1, padding_mode "zeros" (PEFT's lora_A convolution ignores the others); anything
 else is a ValueError. Per-module ranks and alphas go through ``rank_pattern`` / ``alpha_pattern``, alphas
 converted so that every module keeps its scaling under the config's one ``use_rslora``; each key names one
-module (its escaped name, or ``^`` + it where that is needed: see ``adapter_config``), and ``target_modules``
+module (``^`` + its escaped name: see ``adapter_config``; PEFT ≥ 0.15 reads it), and ``target_modules``
 selects exactly the adapted modules under PEFT's rules (leaf names, else full names, else one regular
 expression).
 
@@ -185,8 +185,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "lora_alpha": alpha,
         "lora_dropout": _most_common(dropouts) if dropouts else 0.0,
         "target_modules": _target_modules(base, list(layers)),
-        "rank_pattern": {pattern_key(n, base): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {pattern_key(n, base): v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": {pattern_key(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {pattern_key(n): v for n, v in alphas.items() if v != alpha},
         "use_rslora": rslora,
         "bias": "none",
         "fan_in_fan_out": False,
