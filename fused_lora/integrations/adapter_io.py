@@ -233,8 +233,8 @@ def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[bool, to
             pairs.setdefault(m.group(1), {})[kind + (m.group(2) or m.group(3))] = t
     if unknown:
         raise ValueError(
-            f"the adapter file has entries fused_lora's layers cannot hold (modules_to_save, biases, trainable "
-            f"tokens, another PEFT method's?): {unknown[:8]}"
+            f"the adapter file has entries fused_lora's layers cannot hold (modules_to_save, biases, whole "
+            f"embedding layers, trainable tokens, another PEFT method's?): {unknown[:8]}"
         )
     broken = [n for n, p in pairs.items() if set(p) not in ({"A", "B"}, {"EA", "EB"})]
     if broken:
