@@ -356,7 +356,7 @@ class Embedding(ExactMerge, nn.Embedding):
             layer.lora_A = nn.Parameter(torch.empty(r, w.shape[0], device=w.device, dtype=lora_dtype))
             layer.lora_B = nn.Parameter(torch.empty(w.shape[1], r, device=w.device, dtype=lora_dtype))
             layer.reset_lora_parameters()
-        sharing.replace(embedding)
+        sharing.replace(embedding, layer)
         return layer
 
     def _merge_target(self) -> MergeTarget:

@@ -161,7 +161,7 @@ class LoRALinear(ExactMerge, nn.Linear):
             layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=lora_dtype))
             layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=lora_dtype))
             layer.reset_lora_parameters()
-        sharing.replace(linear)
+        sharing.replace(linear, layer)
         return layer
 
     def _weight_nk(self) -> torch.Tensor:

@@ -4,15 +4,17 @@ Llama-3.2-1B or Gemma: ``head.weight is embed.weight``), where the merge would c
 output too.
 
 A layer cannot see the model it sits in, so the holders of each LoRA weight (the Parameter object; a tie
-is one Parameter held by two modules, as torch and transformers make it) are kept here:
+is one Parameter held by two modules, as torch and transformers make it) are kept here, for every
+parameter once it is accounted for:
 
 - a layer's constructor makes a fresh W that nothing else holds (:func:`adopt`);
 - ``from_linear`` / ``from_embedding`` / ``from_conv`` look, once, for the modules that hold the weight
   they wrap (:func:`wrapping`); the nn.Linear / nn.Embedding being wrapped is taken as replaced by the
-  new layer and not counted (an ``nn.ConvNd`` becomes the layer's ``conv`` and so its owner);
+  new layer and not counted while that layer lives (an ``nn.ConvNd`` becomes the layer's ``conv`` and so
+  its owner);
 - a module that takes a watched weight later (``other.weight = layer.weight``) is seen by a
   parameter-registration hook (torch's global ``register_module_parameter_registration_hook``);
-- a layer whose W is a Parameter not seen before (``layer.weight = other.weight``, a deep copy,
+- a layer whose W is a Parameter not accounted for (``layer.weight = other.weight``, a deep copy,
   unpickling, ``load_state_dict(assign=True)``, FSDP2's sharded parameters) looks at its next merge
   (:func:`other_holders`).
 
@@ -20,10 +22,11 @@ Looking is cheap in the usual case: when Python's reference count says that only
 dict refers to W, no other module can hold it. Otherwise it walks every object the garbage collector
 tracks — measured 0.2–0.3 s in a process of 420,000 objects (a 32-layer Llama built from a config,
 transformers and peft imported; this project's 2-core machine, loaded) — and records the holders of
-every LoRA layer's W at once, so one walk serves a whole model.
+every module parameter at once, so one walk serves a whole model.
 
-Not seen: a tie made after the look by writing a module's ``_parameters`` dict directly (no hook runs),
-and two different Parameters that share one storage (e.g. ``nn.Parameter(embed.weight.data)``).
+Not seen: a tie made, after its parameter was accounted for, by writing a module's ``_parameters`` dict
+directly (no hook runs), and two different Parameters that share one storage (e.g.
+``nn.Parameter(embed.weight.data)``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# {W: weak references to the modules seen holding it (the owner among them)}
+# {parameter: weak references to the modules seen holding it}
 _HOLDERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# modules wrapped by from_linear / from_embedding: replaced by their LoRA layer, not counted as holders
-_REPLACED: weakref.WeakSet = weakref.WeakSet()
+# {module wrapped by from_linear / from_embedding: its LoRA layer}: not counted as a holder of a weight
+# while that layer lives and holds it too (a layer built and thrown away — a failed inject_lora — replaces
+# nothing)
+_REPLACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _refcount(module: nn.Module, name: str) -> int:
@@ -76,9 +81,12 @@ def adopt(owner: nn.Module, name: str) -> None:
 
 
 def wrapping(module: nn.Module, name: str) -> None:
-    """Look for the modules holding `module`'s parameter `name`, which a LoRA layer is about to wrap.
-    Call it before binding that parameter to a local name: the count of references is read."""
+    """Look for the modules holding `module`'s parameter `name`, which a LoRA layer is about to wrap
+    (nothing to do if a walk already recorded them: the hook has kept them since). Call it before binding
+    that parameter to a local name: the count of references is read."""
     if module._parameters.get(name) is None:  # nothing to hold (parametrized away, or None)
+        return
+    if module._parameters[name] in _HOLDERS:
         return
     if _refcount(module, name) > _BASELINE:
         _scan([module._parameters[name]])
@@ -86,10 +94,16 @@ def wrapping(module: nn.Module, name: str) -> None:
         _record(module._parameters[name], [module])
 
 
-def replace(module: nn.Module) -> None:
-    """`module` (wrapped by from_linear / from_embedding) is replaced by its LoRA layer, which took its
-    weight over: it is no longer counted as a holder."""
-    _REPLACED.add(module)
+def replace(module: nn.Module, layer: nn.Module) -> None:
+    """`module` (wrapped by from_linear / from_embedding) is replaced by `layer`, which took its weight
+    over: while `layer` lives and holds that weight too, `module` is not counted as its holder."""
+    _REPLACED[module] = weakref.ref(layer)
+
+
+def _replaced(module: nn.Module, param: torch.Tensor) -> bool:
+    ref = _REPLACED.get(module)
+    layer = ref() if ref is not None else None
+    return layer is not None and _holds(layer, param)
 
 
 def other_holders(owner: nn.Module, name: str) -> list[nn.Module]:
@@ -104,33 +118,24 @@ def other_holders(owner: nn.Module, name: str) -> list[nn.Module]:
             adopt(owner, name)
     param = owner._parameters[name]
     alive = (r() for r in _HOLDERS[param])
-    return [m for m in alive if m is not None and m is not owner and m not in _REPLACED and _holds(m, param)]
+    return [m for m in alive if m is not None and m is not owner and _holds(m, param) and not _replaced(m, param)]
 
 
 def _scan(targets: list[torch.Tensor]) -> None:
-    """One walk over the objects the garbage collector tracks: record the holders of each target and of
-    every LoRA layer's W (any module whose class defines ``_weight_owner``)."""
+    """One walk over the objects the garbage collector tracks: record the holders of every parameter any
+    module holds (the targets among them), so that a walk serves every wrap and merge after it — the hook
+    keeps the account from then on. (inject_lora holds references to the parameters it may restore, so
+    each of its wraps would otherwise walk again.)"""
     # type(), not isinstance: no __class__ lookups on proxies (a deprecated alias may warn on access)
     modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
-    watched = {id(t): t for t in targets}
-    for m in modules:
-        owner_of = getattr(type(m), "_weight_owner", None)
-        if owner_of is not None:
-            try:
-                module, pname = owner_of(m)
-                w = module._parameters.get(pname)
-            except (AttributeError, KeyError):  # a half-built layer
-                w = None
-            if w is not None:
-                watched[id(w)] = w
-    holders: dict[int, list[nn.Module]] = {}
+    holders: dict[int, tuple[torch.Tensor, list[nn.Module]]] = {id(t): (t, []) for t in targets}
     for m in modules:
         params = m.__dict__.get("_parameters")
         for q in params.values() if isinstance(params, dict) else ():
-            if id(q) in watched:
-                holders.setdefault(id(q), []).append(m)
-    for key, w in watched.items():
-        _record(w, holders.get(key, []))
+            if q is not None:
+                holders.setdefault(id(q), (q, []))[1].append(m)
+    for param, mods in holders.values():
+        _record(param, mods)
 
 
 def _on_register(module: nn.Module, name: str, param) -> None:

@@ -360,6 +360,5 @@ def check_table_dtype(table: torch.dtype, lora_dtype: torch.dtype | None) -> Non
     """The lookup takes adapters in the table's dtype or fp32 (fused_lora.embedding._check_tables): say so
     at construction rather than at the first forward."""
     if lora_dtype is not None and lora_dtype not in (table, torch.float32):
-        raise TypeError(
-            f"lora_dtype is {lora_dtype}; with a {table} table the adapters must be {table} or torch.float32"
-        )
+        allowed = str(table) if table == torch.float32 else f"{table} or torch.float32"
+        raise TypeError(f"lora_dtype is {lora_dtype}; with a {table} table the adapters must be {allowed}")

@@ -4,6 +4,7 @@ the layer level, the hybrid's fp16 overflow, and bad constructor arguments found
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 
@@ -197,25 +198,31 @@ def test_a_conv_whose_weight_another_conv_takes_is_not_merged():
         layer.merge()
 
 
-def test_untied_wrapping_costs_no_scan_and_merges(monkeypatch, device):
+def test_untied_wrapping_costs_no_walk_and_inject_lora_one(monkeypatch, device):
     """The garbage collector's objects are walked only when the reference count says someone else refers
-    to the weight: wrapping untied layers (and merging them) never walks them."""
-
+    to a weight not yet accounted for: wrapping an untied layer and merging never walk them; inject_lora
+    (which holds references to every parameter, to restore them on failure) walks once for all its
+    targets, not once per target."""
     from fused_lora import sharing
 
-    def no_scan(targets):
-        raise AssertionError("walked the garbage collector's objects for an untied weight")
-
-    monkeypatch.setattr(sharing, "_scan", no_scan)
-    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30)).to(device)
-    fused_lora.inject_lora(model, ["0", "1", "2"], r=2)
-    lin = LoRALinear.from_linear(nn.Linear(5, 6), r=2)
-    for m in (*model, lin):
+    walks = []
+    real = sharing._scan
+    monkeypatch.setattr(sharing, "_scan", lambda targets: (walks.append(len(targets)), real(targets)))
+    lin = LoRALinear.from_linear(nn.Linear(5, 6, device=device), r=2)
+    conv = Conv2d.from_conv(nn.Conv2d(2, 3, 3, device=device), r=2)
+    emb = Embedding.from_embedding(nn.Embedding(9, 4, device=device), r=2)
+    for m in (lin, conv, emb):
         m.merge()
         assert m.merged
     twin = copy.deepcopy(lin)  # new Parameters, referred to by the copy only: adopted without a walk
     twin.unmerge()
     twin.merge()
+    assert walks == []
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(6))).to(device)
+    fused_lora.inject_lora(model, [str(i) for i in range(6)], r=2)
+    for m in model:
+        m.merge()
+    assert len(walks) <= 1
 
 
 def test_a_deep_copy_of_a_tied_model_is_still_tied(device):
@@ -225,6 +232,20 @@ def test_a_deep_copy_of_a_tied_model_is_still_tied(device):
     assert twin["head"].weight is twin["emb"].weight
     with pytest.raises(ValueError, match="tied weights"):
         twin["head"].merge()
+
+
+def test_a_failed_inject_lora_replaces_nothing(device):
+    """inject_lora builds every layer before replacing any: a layer built for a tied head and then thrown
+    away (another target failed) must not leave the head uncounted as a holder of the shared table."""
+    emb, head = _tied_head(device)
+    model = nn.ModuleDict({"emb": emb, "head": head, "odd": nn.Conv2d(2, 2, (3, 5), device=device)})
+    with pytest.raises(ValueError, match="not the same in every dimension"):  # refused after the head was wrapped
+        fused_lora.inject_lora(model, ["head", "odd"], r=2)
+    gc.collect()  # the exception's frames, and the layer built for the head, are gone
+    assert type(model["head"]) is nn.Linear and model["head"].weight is emb.weight
+    lora = Embedding.from_embedding(emb, r=2, merge_weights=False)
+    with pytest.raises(ValueError, match=r"also held by Linear\(in_features=16"):
+        lora.merge()
 
 
 def test_eval_mode_load_of_a_tied_layer_does_not_merge(device):
