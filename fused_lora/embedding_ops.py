@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .opdef import Rules, attach_autograd, below_autograd, define, unflatten
+from .opdef import Rules, attach_autograd, below_autograd, define, unflatten, vmap_by_loop
 
 _kernels = None
 
@@ -160,10 +160,10 @@ def _fwd_vmap(info, in_dims, idx, weight, lora_A, lora_B, scaling, padding_idx, 
     if in_dims[0] is not None and all(d is None for d in in_dims[1:]):
         args[0] = idx.movedim(in_dims[0], 0)
         return lora_embedding_fwd(*args), 0
-    ys = []
-    for b in range(info.batch_size):
-        ys.append(lora_embedding_fwd(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]))
-    return torch.stack(ys), 0
+    return vmap_by_loop(lora_embedding_fwd)(info, in_dims, *args)
+
+
+lora_embedding_bwd.register_vmap(vmap_by_loop(lora_embedding_bwd))
 
 
 class LoRAEmbeddingFunction:

@@ -14,6 +14,12 @@ applies an autograd.Function of ours, which has ``setup_context``, ``backward`` 
 torch.compile sees only the operator (opaque, its fake implementation gives shapes), so the
 Function's custom ``jvp`` never meets dynamo (which refuses those); AOT autograd runs the Function
 when it traces the joint graph, as it runs register_autograd's.
+
+Three pieces are torch's own, not public API, used as torch.func uses them for its single-level
+functions: ``torch.autograd.function._SingleLevelFunction`` (a Function applied by the C++ apply),
+``enable_single_level_autograd_function`` (which lets one run under a transform) and
+``forward_ad._set_fwd_grad_enabled`` / ``_current_level``. tests/test_autograd_surface.py checks every
+transform and their compositions on the installed torch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._functorch.utils import enable_single_level_autograd_function
 
+_infer_schema = getattr(torch.library, "infer_schema", None)
+if _infer_schema is None:  # torch 2.4: not yet public
+    from torch._library.infer_schema import infer_schema as _infer_schema
+
 NAMESPACE = "fused_lora"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
@@ -32,7 +42,7 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 def define(name: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
     """``fused_lora::<name>`` with `impl` on every device (CompositeExplicitAutograd) and `fake` for
     FakeTensor tracing and the meta device; outputs must be fresh tensors (no aliasing of inputs)."""
-    schema = torch.library.infer_schema(impl, mutates_args=())
+    schema = _infer_schema(impl, mutates_args=())
     _LIB.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
@@ -40,9 +50,9 @@ def define(name: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
 
 
 def _needs_autograd(args: tuple) -> bool:
-    """Whether a call must go through the Function: a torch.func transform is active, a forward-AD
-    level is open (an input may carry a tangent), or grad mode is on and an input requires grad."""
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+    """Whether a call (outside torch.func) must go through the rules: a forward-AD level is open (an
+    input may carry a tangent), or grad mode is on and an input requires grad."""
+    if forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
@@ -62,9 +72,11 @@ def attach_autograd(op: torch._ops.OpOverload, rules: type[Rules]) -> None:
     kernel. A call that needs no autograd skips it."""
 
     def kernel(keyset, *args):
-        if _needs_autograd(args):
-            with enable_single_level_autograd_function():  # what torch.func's own rules run under
+        if torch._C._are_functorch_transforms_active():
+            with enable_single_level_autograd_function():  # what torch.func's own single-level rules run under
                 return rules.apply(*args)
+        if _needs_autograd(args):
+            return rules.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -91,6 +103,21 @@ def unflatten(t: torch.Tensor, lead: torch.Size | tuple, last: int) -> torch.Ten
     hangs on the layer's output) would never run. Called inside an operator's implementation, where the
     kernel's tensor has no other owner; the result shares its storage and version counter."""
     return t.view(*lead, last).detach()
+
+
+def vmap_by_loop(op: Callable):
+    """A vmap rule for `op`: one call per batch element (the batched arguments sliced), the outputs stacked
+    along a new dim 0 — the rule for an operator whose batch cannot be folded into its rows."""
+
+    def rule(info, in_dims, *args):
+        outs = []
+        for b in range(info.batch_size):
+            outs.append(op(*(a.select(d, b) if d is not None else a for a, d in zip(args, in_dims))))
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import impl, reference
-from .opdef import Rules, attach_autograd, below_autograd, define, unflatten
+from .opdef import Rules, attach_autograd, below_autograd, define, unflatten, vmap_by_loop
 
 _kernels = None
 
@@ -274,10 +274,9 @@ def _fwd_vmap(info, in_dims, x, weight, bias, lora_A, lora_B, seed, scaling, dro
     if in_dims[0] is not None and all(d is None for d in in_dims[1:]) and dropout_p == 0.0:
         args[0] = x.movedim(in_dims[0], 0)
         y, xa = lora_linear_fwd(*args)
-        return (y, xa.view(info.batch_size, -1, xa.shape[-1])), (0, 0)
-    ys, xas = [], []
-    for b in range(info.batch_size):
-        sliced = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]
-        y, xa = lora_linear_fwd(*sliced)
-        ys.append(y), xas.append(xa)
-    return (torch.stack(ys), torch.stack(xas)), (0, 0)
+        return (y, xa.view(info.batch_size, xa.shape[0] // info.batch_size, xa.shape[-1])), (0, 0)
+    return vmap_by_loop(lora_linear_fwd)(info, in_dims, *args)
+
+
+lora_linear_bwd.register_vmap(vmap_by_loop(lora_linear_bwd))  # dA, dB sum over rows: no folding
+dropout_mask.register_vmap(vmap_by_loop(dropout_mask))  # a batch of seeds (vmap randomness="different")

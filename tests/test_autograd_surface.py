@@ -340,6 +340,76 @@ def test_func_grad_and_hessian_on_embedding(launched):
     assert got["lora_A"][:, 1].abs().max() == 0, "padding_idx's column of A gets no gradient"
 
 
+def _compositions():
+    x, w, _, a, b = inputs()
+    v = torch.randn(a.shape, generator=torch.Generator().manual_seed(8))
+    cube = lambda a, b: linear(x, w, None, a, b).pow(3).sum()
+    yield "grad(grad)", lambda: tf.grad(lambda b: tf.grad(cube, argnums=1)(a, b).sum())(b)
+    yield "grad(jvp)", lambda: tf.grad(lambda a: tf.jvp(lambda a2: cube(a2, b), (a,), (v,))[1])(a)
+    yield "jvp(jvp)", lambda: tf.jvp(lambda a: tf.jvp(lambda a2: cube(a2, b), (a,), (v,))[1], (a,), (v,))[1]
+    yield "jvp(vmap)", lambda: tf.jvp(tf.vmap(lambda x: linear(x, w, None, a, b)), (x,), (x.flip(0),))[1]
+    y_of_x = lambda x: linear(x, w, None, a, b)
+    yield "autograd.functional.jacobian", lambda: torch.autograd.functional.jacobian(y_of_x, x, vectorize=True)
+    cot = torch.eye(x.shape[:-1].numel() * N).view(-1, *x.shape[:-1], N)
+
+    def batched_grads():  # torch.autograd.grad(is_grads_batched=True): the backward operator under vmap
+        xr = x.clone().requires_grad_()
+        return torch.autograd.grad(y_of_x(xr), xr, cot, is_grads_batched=True)[0]
+
+    yield "is_grads_batched", batched_grads
+
+
+@pytest.mark.parametrize("case", [name for name, _ in _compositions()])
+def test_transform_compositions_equal_reference(case, launched):
+    fn = dict(_compositions())[case]
+    got = fn()
+    assert launched()["_shrink_kernel"] >= 1
+    want = reference(fn)()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_per_sample_gradients_with_dropout(randomness):
+    """vmap(grad) with dropout: each sample's gradient is the reference's with that sample's kernel mask
+    ('same': one seed for all, 'different': a seed per sample, drawn as vmap draws them)."""
+    layer = fused_lora.LoRALinear(K, N, r=R, lora_alpha=2, lora_dropout=0.3)
+    _randomize(layer)
+    xs = torch.randn(3, 4, K)
+    loss, params = _module_loss(layer, xs[0])
+    torch.manual_seed(11)
+    got = tf.vmap(tf.grad(loss), in_dims=(None, 0), randomness=randomness)(params, xs)
+    torch.manual_seed(11)
+    seeds = torch.randint(0, 2**62, (3 if randomness == "different" else 1, 1), dtype=torch.int64)
+    for i in range(3):
+        seed = seeds[i if randomness == "different" else 0]
+        mask = ops.dropout_mask(seed, 4, K, 0.3)
+        ref = lambda p, x, mask=mask: (
+            fused_lora.reference.lora_linear(
+                x, layer.weight, p["lora_A"], p["lora_B"], layer.scaling, p["bias"], 0.3, dropout_mask=mask
+            )
+            .square()
+            .sum()
+        )
+        want = tf.grad(ref)(params, xs[i])
+        for n in want:
+            torch.testing.assert_close(got[n][i], want[n], **TOL, msg=f"sample {i} {n}")
+
+
+def test_merged_linear_jvp_and_grad_equal_reference(launched):
+    m = fused_lora.MergedLinear(K, 6, r=2, lora_alpha=3, enable_lora=[True, False, True])
+    _randomize(m)
+    x = inputs()[0]
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    f = lambda p: tf.functional_call(m, p, (x,))
+    got = tf.jvp(f, (params,), (tangents,))[1], tf.grad(lambda p: f(p).square().sum())(params)
+    assert launched()["_shrink_kernel"] == 2
+    want = reference(lambda: (tf.jvp(f, (params,), (tangents,))[1], tf.grad(lambda p: f(p).square().sum())(params)))()
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], **TOL, msg=n)
+
+
 # ---------------------------------------------------------------- the implementation setting and threads
 
 
@@ -396,3 +466,36 @@ def test_use_impl_governs_a_cuda_backward():
         finally:
             fused_lora.set_impl(None)
     assert ran["_low_rank_kernel"] == 1 and "_lora_gemm_kernel" not in ran, ran
+
+
+# ---------------------------------------------------------------- the operators, as torch.library checks them
+
+
+def _op_cases():
+    x, w, bias, a, b = inputs()
+    x, a, b = x.requires_grad_(), a.requires_grad_(), b.requires_grad_()
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    yield "lora_linear_fwd", ops.lora_linear_fwd, (x, w, None, a, b, None, S, 0.0, False, 0, None, "fused")
+    yield "lora_linear_fwd dropout", ops.lora_linear_fwd, (x, w, bias, a, b, seed, S, 0.2, True, 0, None, "hybrid")
+    xa = ops.lora_linear_fwd(x.detach(), w, bias, a.detach(), b.detach(), seed, S, 0.2, False, 0, None, "fused")[1]
+    dy = torch.randn(*x.shape[:-1], N)
+    bwd = (dy, x.detach(), w, a.detach(), b.detach(), xa, seed, S, 0.2, False, True, True, True, "fused")
+    yield "lora_linear_bwd", ops.lora_linear_bwd, bwd
+    yield "dropout_mask", ops.dropout_mask, (seed, 4, K, 0.3)
+    from fused_lora import embedding_ops
+
+    idx, table = torch.randint(0, 9, (2, 3)), torch.randn(9, 4)
+    ea, eb = torch.randn(2, 9, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    yield "lora_embedding_fwd", embedding_ops.lora_embedding_fwd, (idx, table, ea, eb, 2.0, 0, True, False)
+    dy = torch.randn(2, 3, 4)
+    ebwd = (dy, idx, ea.detach(), eb.detach(), 2.0, 0, None, True, True, False)
+    yield "lora_embedding_bwd", embedding_ops.lora_embedding_bwd, ebwd
+
+
+@pytest.mark.parametrize("case", [name for name, _, _ in _op_cases()])
+def test_operators_pass_torch_library_opcheck(case):
+    """Schema, fake implementation (shapes and strides), autograd registration and AOT dispatch, as
+    torch.library.opcheck tests a custom operator."""
+    _, op, args = next(c for c in _op_cases() if c[0] == case)
+    result = torch.library.opcheck(op, args)
+    assert set(result.values()) == {"SUCCESS"}, result
