@@ -10,10 +10,12 @@ backward: x itself (the caller's tensor), xa, and an 8-byte seed when dropout is
 regenerated, never stored.
 
 Backward: g = s/(1-p)·dY·B, dB = dYᵀ·xa and dA = gᵀ·drop(x) in one pass over dY and x (lora_grad),
-then dX = dY·W + mask⊙(g·A) (fused GEMM or hybrid, chosen again for this shape). Gradients are computed
+then dX = dY·W + mask⊙(g·A) (fused GEMM or hybrid, chosen again for this shape under the implementation
+setting the forward ran with, whichever thread runs the backward). Gradients are computed
 only for inputs that need them; a trainable W or bias gets its gradient from plain torch (dYᵀ·x, Σ dY).
-With ``create_graph=True`` (double backward) the backward is built from differentiable torch ops with
-the kernels' own mask, so second derivatives are right too.
+With ``create_graph=True`` (double backward, and under every torch.func transform) the backward is built
+from differentiable torch ops with the kernels' own mask, so second derivatives are right too; forward
+mode (jvp, forward_ad) has its own rule, the same way. y is x's leading shape + [N] and not a view.
 
 Both directions are PyTorch custom operators (:mod:`fused_lora.ops`): ``torch.compile`` traces a model
 of fused layers without a graph break, and the kernels run inside the compiled graph.

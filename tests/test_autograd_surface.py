@@ -134,9 +134,9 @@ def test_layer_output_is_not_a_view_and_keeps_hooks_through_in_place_ops(case):
         return {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
     torch.manual_seed(3)
-    out_of_place = grads(False)
-    torch.manual_seed(3)
     in_place = grads(True)
+    torch.manual_seed(3)
+    out_of_place = grads(False)
     assert out_of_place.keys() == in_place.keys() and any("lora_" in n for n in in_place)
     for n in in_place:
         torch.testing.assert_close(in_place[n], out_of_place[n], msg=n)
@@ -492,7 +492,11 @@ def _op_cases():
     yield "lora_embedding_bwd", embedding_ops.lora_embedding_bwd, ebwd
 
 
-@pytest.mark.parametrize("case", [name for name, _, _ in _op_cases()])
+OPS = ["lora_linear_fwd", "lora_linear_fwd dropout", "lora_linear_bwd", "dropout_mask", "lora_embedding_fwd",
+       "lora_embedding_bwd"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OPS)
 def test_operators_pass_torch_library_opcheck(case):
     """Schema, fake implementation (shapes and strides), autograd registration and AOT dispatch, as
     torch.library.opcheck tests a custom operator."""
