@@ -8,7 +8,8 @@
 - torch.func.grad / jacrev / hessian / vmap(grad) (per-sample gradients) give the reference's answers.
 - ``use_impl`` applies to the backward of a forward run inside the block, whichever thread runs the
   backward (on CUDA autograd runs it on a worker thread; here a thread of our own shows the same).
-Every case checks that the kernels ran (launch counters), so a reference fallback cannot pass for them.
+The transform tests check that the kernels ran (launch counters), so a reference fallback cannot pass
+for them; the operators pass torch.library.opcheck.
 """
 
 from __future__ import annotations
@@ -280,11 +281,12 @@ def test_func_grad_jacrev_hessian_on_a_layer(launched):
     assert hess.abs().max() > 0.1
 
 
-def test_func_grad_with_dropout_uses_the_kernels_mask():
+def test_func_grad_with_dropout_uses_the_kernels_mask(launched):
     x, w, bias, a, b = inputs()
     f = lambda x, a, b: linear(x, w, bias, a, b, p=0.3).square().sum()
     torch.manual_seed(6)
     got = tf.grad(f, argnums=(0, 1, 2))(x, a, b)
+    assert launched()["_shrink_kernel"] == 1
     mask = kernel_mask(6, x, 0.3)
     want = tf.grad(lambda x, a, b: masked_reference(x, w, bias, a, b, mask, 0.3).square().sum(), argnums=(0, 1, 2))(
         x, a, b
@@ -369,7 +371,7 @@ def test_transform_compositions_equal_reference(case, launched):
 
 
 @pytest.mark.parametrize("randomness", ["same", "different"])
-def test_per_sample_gradients_with_dropout(randomness):
+def test_per_sample_gradients_with_dropout(randomness, launched):
     """vmap(grad) with dropout: each sample's gradient is the reference's with that sample's kernel mask
     ('same': one seed for all, 'different': a seed per sample, drawn as vmap draws them)."""
     layer = fused_lora.LoRALinear(K, N, r=R, lora_alpha=2, lora_dropout=0.3)
@@ -378,6 +380,7 @@ def test_per_sample_gradients_with_dropout(randomness):
     loss, params = _module_loss(layer, xs[0])
     torch.manual_seed(11)
     got = tf.vmap(tf.grad(loss), in_dims=(None, 0), randomness=randomness)(params, xs)
+    assert launched()["_shrink_kernel"] == 3  # dropout: one launch per sample
     torch.manual_seed(11)
     seeds = torch.randint(0, 2**62, (3 if randomness == "different" else 1, 1), dtype=torch.int64)
     for i in range(3):
