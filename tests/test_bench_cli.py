@@ -65,7 +65,7 @@ def test_default_run_writes_only_into_the_ignored_folder(tmp_path, monkeypatch, 
     assert cli.main([*QUICK, "--no-plots", "--no-progress"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["bench/results/local/no-gpu-tables.txt", "bench/results/local/no-gpu.jsonl"]
-    assert "results:      bench/results/local/no-gpu.jsonl (4 rows" in capsys.readouterr().out
+    assert "results:      bench/results/local/no-gpu.jsonl\n              (4 rows" in capsys.readouterr().out
 
 
 def test_the_results_folder_is_ignored_by_git():
