@@ -146,7 +146,11 @@ def run(ns: argparse.Namespace, device: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         directory = ns.out or Path(tmp) / "adapter"
         save(model, ns.peft, directory)
-        print(f"adapter saved to {directory}: {sorted(p.name for p in Path(directory).iterdir())}")
+        files = sorted(p.name for p in Path(directory).iterdir())
+        if ns.out:
+            print(f"adapter saved to {directory}: {files}")
+        else:  # a path that is gone once the script ends would only mislead
+            print(f"adapter saved to a temporary folder, deleted at exit (--out DIR keeps it): {files}")
         again = reload(ns.peft, directory, device)
     model.eval()
     again.eval()

@@ -11,7 +11,7 @@ import torch
 import fused_lora
 
 from . import model
-from .measure import nbytes, saved_for_backward
+from .measure import cuda_dropout, nbytes, saved_for_backward
 from .progress import bar
 from .providers import Case, NotApplicable, build, make_weights
 from .tables import Column, modelled
@@ -81,7 +81,8 @@ def smoke(providers: list[str]) -> list[dict]:
 
 
 def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bool = True) -> list[dict]:
-    """Bytes kept for backward by one training forward, at full size, on the meta device."""
+    """Bytes kept for backward by one training forward, at full size, on the meta device, with dropout
+    dispatched as on CUDA (:func:`cuda_dropout`: a bool mask, not the CPU's mask in the activation dtype)."""
     unique = list({(c.shape, c.M, c.r, c.dropout): c for c in cases}.values())
     rows = []
     pbar = bar(len(unique) * len(providers), "bytes kept for backward", progress)
@@ -94,7 +95,8 @@ def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bo
             except NotApplicable as e:
                 rows.append({**row, "note": f"n/a: {e}"})
             else:
-                saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
+                with cuda_dropout():  # what a GPU run keeps: the dropout mask as CUDA stores it (bool)
+                    saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
                 rows.append(
                     {
                         **row,
@@ -145,7 +147,8 @@ def run_offline(cases, providers, modes, gpu: model.GPUSpec, env: dict, progress
         ("1. smoke run (CPU; fused = Triton interpreter): correctness only, no speed claims", checks,
          SMOKE_COLUMNS),
         ("2. bytes kept for backward by one training forward (measured: real autograd on the meta device, "
-         "full size; parameters and x itself excluded)", mem, MEMORY_COLUMNS),
+         "full size, dropout dispatched as on CUDA (a bool mask); parameters and x itself excluded)", mem,
+         MEMORY_COLUMNS),
         (f"3. MODELLED time on an {gpu.name} ({gpu.tflops:g} TFLOP/s, {gpu.tbps:g} TB/s): sum over each "
          f"provider's passes of max(FLOPs/peak, bytes/bandwidth) — a limit, not a measurement", mod,
          MODEL_COLUMNS),
