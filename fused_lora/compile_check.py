@@ -139,7 +139,7 @@ def compile_job(job: Job, arch: int) -> Row:
         compiled = triton.compile(
             ASTSource(fn, sig, constexprs, attrs),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages, **job.options},
         )
         ptx = compiled.asm["ptx"]
         row.shared = int(compiled.metadata.shared)

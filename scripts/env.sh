@@ -19,4 +19,4 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "torch==${FUSED_LORA_TORCH:-2.13.0}" ${FUSED_LORA_TORCH_INDEX:+--index-url "$FUSED_LORA_TORCH_INDEX"}
 fi
 python -c "import triton" 2>/dev/null || pip install -q "triton==${FUSED_LORA_TRITON:-3.6.0}" "numpy<2.4"
-pip install -q -e ".[test,bench,integrations]"
+pip install -q -e ".[test,bench,integrations,qlora]"
