@@ -1,10 +1,16 @@
 """The fused layer as two PyTorch custom operators — the unit that torch.compile, CUDA graphs and FSDP see.
 
     fused_lora::lora_linear_fwd(x [M, K], weight [N, K], bias [N]?, lora_A [r, K], lora_B [N, r], seed [1]?,
-                                scaling, dropout_p, deterministic, group_n, group_bounds [G + 1]?)
-                                -> (y [M, N], xa [M, r] fp32)
+                                scaling, dropout_p, deterministic, group_n, group_bounds [G + 1]?,
+                                *weight_state?, weight_info?) -> (y [M, N], xa [M, r] fp32)
     fused_lora::lora_linear_bwd(dy [M, N], x, weight, lora_A, lora_B, xa, seed?, scaling, dropout_p,
-                                deterministic, need_x, need_A, need_B) -> (dx [M, K], dA [r, K], dB [N, r])
+                                deterministic, need_x, need_A, need_B, *weight_state?, weight_info?)
+                                -> (dx [M, K], dA [r, K], dB [N, r])
+
+The base weight is dense, or 4-bit (QLoRA): then `weight` is its packed bytes, the four `weight_*`
+tensors its state (absmax; absmax2, code2, offset with double quantisation) and `weight_info` its
+shape and format (:mod:`fused_lora.base_weight`); each op dequantises W into the shared scratch just
+before its GEMM (y forward, dX backward): no 16-bit copy of W is saved or kept.
 
 Each is opaque to the compiler (``torch.library.custom_op``): its body launches the Triton kernels (or,
 on CPU tensors, the kernels under Triton's interpreter), and a fake implementation gives shapes, dtypes
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import impl, reference
+from . import base_weight, impl, reference
 
 _kernels = None
 
@@ -57,6 +63,11 @@ def lora_linear_fwd(
     deterministic: bool,
     group_n: int = 0,
     group_bounds: torch.Tensor | None = None,
+    weight_absmax: torch.Tensor | None = None,
+    weight_absmax2: torch.Tensor | None = None,
+    weight_code2: torch.Tensor | None = None,
+    weight_offset: torch.Tensor | None = None,
+    weight_info: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa): y = x·Wᵀ + bias + xa·Bᵀ with xa = s·drop(x)·Aᵀ, for 2-D x. With `group_bounds` (grouped
     adapters, MergedLinear) output column n only multiplies rank columns bounds[n // group_n] ..
@@ -64,13 +75,17 @@ def lora_linear_fwd(
     k = _k()
     xa = k.shrink(x, lora_A, scale=scaling, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
     groups = (group_n, group_bounds) if group_bounds is not None else None
-    y = impl.forward_gemm(k, x, weight, xa, lora_B, bias, deterministic, groups)
+    state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
+    with base_weight.dense(weight, state, weight_info, x.dtype) as w:
+        y = impl.forward_gemm(k, x, w, xa, lora_B, bias, deterministic, groups)
     return y, xa
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n=0, group_bounds=None):
-    return x.new_empty((x.shape[0], weight.shape[0])), _padded_fp32(x, x.shape[0], lora_A.shape[0])
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n=0, group_bounds=None,
+      weight_absmax=None, weight_absmax2=None, weight_code2=None, weight_offset=None, weight_info=None):  # fmt: skip
+    N = base_weight.out_features(weight, weight_info)
+    return x.new_empty((x.shape[0], N)), _padded_fp32(x, x.shape[0], lora_A.shape[0])
 
 
 @torch.library.custom_op("fused_lora::lora_linear_bwd", mutates_args=())
@@ -88,6 +103,11 @@ def lora_linear_bwd(
     need_x: bool,
     need_A: bool,
     need_B: bool,
+    weight_absmax: torch.Tensor | None = None,
+    weight_absmax2: torch.Tensor | None = None,
+    weight_code2: torch.Tensor | None = None,
+    weight_offset: torch.Tensor | None = None,
+    weight_info: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB) in x's and the adapters' dtypes; each an empty tensor when not needed."""
     k = _k()
@@ -97,14 +117,17 @@ def lora_linear_bwd(
         g, da, db = k.lora_grad(dy, lora_B, xa, x, scaling=scaling, dropout_p=dropout_p, seed=seed, need_g=need_x,
                                 need_dA=need_A, need_dB=need_B, deterministic=deterministic)  # fmt: skip
         if need_x:
-            dx = impl.backward_dx(k, dy, weight, g, lora_A, dropout_p, seed, deterministic)
+            state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
+            with base_weight.dense(weight, state, weight_info, dy.dtype) as w:
+                dx = impl.backward_dx(k, dy, w, g, lora_A, dropout_p, seed, deterministic)
         dA = da.to(lora_A.dtype) if need_A else dA
         dB = db.to(lora_B.dtype) if need_B else dB
     return dx, dA, dB
 
 
 @lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic, need_x, need_A, need_B):
+def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic, need_x, need_A, need_B,
+      weight_absmax=None, weight_absmax2=None, weight_code2=None, weight_offset=None, weight_info=None):  # fmt: skip
     return (
         x.new_empty(x.shape if need_x else (0,)),
         lora_A.new_empty(lora_A.shape if need_A else (0,)),
@@ -116,24 +139,29 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic = inputs[:9]
     _, xa = output
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    state = tuple(inputs[11:15]) + (None,) * (15 - len(inputs))  # a 4-bit weight's state: small tensors
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed, *state)
+    ctx.weight_info = inputs[15] if len(inputs) > 15 else None
     ctx.scaling, ctx.dropout_p, ctx.deterministic = scaling, dropout_p, deterministic
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, dy, _dxa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, seed, *state = ctx.saved_tensors
+    info = ctx.weight_info
     need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-        grads = differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed)
-        return (*grads, None, None, None, None, None, None)
+        dense = base_weight.dense_copy(weight, state, info, dy.dtype)
+        grads = differentiable_backward(ctx, dy, x, dense, lora_A, lora_B, seed)
+        return (*grads, *(None,) * 11)
     dx, dA, dB = torch.ops.fused_lora.lora_linear_bwd(
-        dy, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.deterministic, need_x, need_A, need_B
-    )
+        dy, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.deterministic, need_x, need_A, need_B,
+        *state, info,
+    )  # fmt: skip
     dw = (dy.t() @ x).to(weight.dtype) if need_w else None
     dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
     dx, dA, dB = (dx if need_x else None), (dA if need_A else None), (dB if need_B else None)
-    return (dx, dw, dbias, dA, dB, None, None, None, None, None, None)
+    return (dx, dw, dbias, dA, dB, *(None,) * 11)
 
 
 def differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed):
