@@ -35,7 +35,7 @@ from .function import lora_linear
 from .quant import QuantizedWeight
 from .validation import check_dropout, check_rank
 
-__all__ = ["LoRALinear4bit", "is_linear4bit"]
+__all__ = ["MERGE_4BIT_REFUSED", "LoRALinear4bit", "is_linear4bit"]
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -65,7 +65,7 @@ class LoRALinear4bit(nn.Linear):
         q = QuantizedWeight.from_bnb(weight)  # checks the state (and refuses bitsandbytes' CPU-only layout)
         r, p = check_rank(r), check_dropout(lora_dropout)
         if merge_weights:
-            raise ValueError("LoRALinear4bit cannot merge ΔW into its 4-bit weight (merge_weights=True): " + _WHY)
+            raise ValueError("LoRALinear4bit(merge_weights=True): " + _WHY)
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias=False, device="meta")
         self.weight, self.bias = weight, bias
@@ -150,7 +150,7 @@ class LoRALinear4bit(nn.Linear):
         return self.weight
 
     def merge(self) -> None:
-        raise ValueError("LoRALinear4bit: merging ΔW into a 4-bit weight is refused: " + _WHY)
+        raise ValueError("LoRALinear4bit.merge(): " + _WHY)
 
     def unmerge(self) -> None:
         """Nothing to undo: a 4-bit layer is never merged."""
@@ -185,8 +185,8 @@ class LoRALinear4bit(nn.Linear):
         )
 
 
-_WHY = (
-    "W + ΔW would be requantised to 4 bits, rounding most of ΔW away (a LoRA update is far below one NF4 step "
-    "of a block) and making the merge impossible to undo exactly. To deploy merged weights, load the base model "
-    "in 16 bits, load_adapter the saved adapter and merge_lora there"
+MERGE_4BIT_REFUSED = _WHY = (
+    "merging into a 4-bit weight is refused: W + ΔW would be requantised to 4 bits, rounding most of ΔW away "
+    "(a LoRA update is far below one NF4 step of a block) and making the merge impossible to undo exactly. To "
+    "deploy merged weights, load the base model in 16 bits, load_adapter the saved adapter and merge_lora there"
 )
