@@ -35,7 +35,15 @@ from .function import lora_linear
 from .quant import QuantizedWeight
 from .validation import check_dropout, check_rank
 
-__all__ = ["MERGE_4BIT_REFUSED", "LoRALinear4bit", "is_linear4bit"]
+__all__ = ["MERGE_4BIT_REFUSED", "LoRALinear4bit", "compute_dtype_for", "is_linear4bit"]
+
+
+def compute_dtype_for(x_dtype: torch.dtype, layer_compute_dtype: torch.dtype | None) -> torch.dtype:
+    """bitsandbytes' Linear4bit rule: fp32 and bf16 inputs compute in their own dtype, fp16 inputs in the
+    layer's compute_dtype when one is set (else in fp16)."""
+    if x_dtype == torch.float16 and layer_compute_dtype is not None:
+        return layer_compute_dtype
+    return x_dtype
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -125,14 +133,9 @@ class LoRALinear4bit(nn.Linear):
         """W [out, in] in `dtype` (default: the original weight's), a tensor of its own."""
         return self.quantized_weight().dequantize(dtype)
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if x.dtype == torch.float16 and self.compute_dtype is not None:
-            return self.compute_dtype
-        return x.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantized_weight()
-        dt = self._compute_dtype(x)
+        dt = compute_dtype_for(x.dtype, self.compute_dtype)
         xc = x.to(dt)
         bias = self.bias.to(dt) if self.bias is not None and self.bias.dtype not in (dt, torch.float32) else self.bias
         if self.r == 0:
