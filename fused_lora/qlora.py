@@ -107,6 +107,12 @@ class LoRALinear4bit(nn.Linear):
                    lora_dtype=lora_dtype or torch.float32, compute_dtype=getattr(layer, "compute_dtype", None),
                    merge_weights=merge_weights)  # fmt: skip
 
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, **kwargs) -> LoRALinear4bit:
+        """From a :class:`QuantizedWeight` (no bitsandbytes needed); `kwargs` as the constructor's."""
+        bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        return cls(weight.as_parameter(), bias, **kwargs)
+
     @property
     def scaling(self) -> float:
         if self.r == 0:

@@ -37,6 +37,7 @@ lossy, so the original weight cannot be recovered exactly); it is refused with a
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import torch
 
@@ -128,9 +129,23 @@ class QuantizedWeight:
             nested = NestedAbsmax(s2.absmax, s2.code, int(s2.blocksize), qs.offset)
             if s2.dtype != torch.float32:
                 raise ValueError(f"nested absmax in {s2.dtype}: only fp32 (what bitsandbytes writes) is supported")
-        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-        packed = data.reshape(-1) if data.dtype == torch.uint8 else data.reshape(-1).view(torch.uint8)
+        # a view of the parameter itself (never requires grad: integer storage), so tools that follow views
+        # (saved-tensor accounting) see the weight, not a copy
+        packed = weight.reshape(-1) if weight.dtype == torch.uint8 else weight.reshape(-1).view(torch.uint8)
         return cls(packed, qs.absmax, shape, qs.quant_type, int(qs.blocksize), qs.dtype, nested)
+
+    def as_parameter(self) -> torch.nn.Parameter:
+        """The packed bytes as a frozen Parameter carrying a ``quant_state`` with bitsandbytes' attribute
+        names (what :class:`fused_lora.LoRALinear4bit` takes; no bitsandbytes needed)."""
+        p = torch.nn.Parameter(self.packed, requires_grad=False)
+        n = self.nested
+        state2 = None
+        if n is not None:
+            state2 = SimpleNamespace(absmax=n.absmax, code=n.code, blocksize=n.blocksize, dtype=torch.float32)
+        p.quant_state = SimpleNamespace(absmax=self.absmax, shape=torch.Size(self.shape), quant_type=self.quant_type,
+                                        blocksize=self.blocksize, dtype=self.dtype, nested=n is not None,
+                                        state2=state2, offset=n.offset if n else None)  # fmt: skip
+        return p
 
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense W [N, K] in `dtype` (default: the original dtype), written into `out` if given
