@@ -113,6 +113,12 @@ def test_peft_surface_unchanged(model_dir, tmp_path):
     with torch.no_grad():
         y1, y1_ref = ours(inputs).logits, theirs(inputs).logits
     assert torch.allclose(y1, y1_ref, atol=1e-4)
+    for m in (ours, theirs):  # merging is PEFT's (dequantise, add, requantise, with its rounding warning)
+        with pytest.warns(UserWarning, match="rounding"):
+            m.merge_adapter()
+    with torch.no_grad():
+        assert torch.equal(ours(inputs).logits, theirs(inputs).logits)
+    ours.unmerge_adapter()
     assert fused_lora.unpatch_peft_model(ours) == 14
     assert not any(type(x).__name__ == "FusedLoraLinear4bit" for x in ours.modules())
 
