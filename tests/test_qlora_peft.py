@@ -159,3 +159,68 @@ def test_patched_qlora_model_pickles(model_dir):
     fused_lora.patch_peft_model(model)
     layer = next(m for m in model.modules() if type(m).__name__ == "FusedLoraLinear4bit")
     assert pickle.loads(pickle.dumps(type(layer))) is type(layer)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_one_peft_linear4bit_layer_forward_and_grads(p):
+    """PEFT's own lora.bnb.Linear4bit layer, patched vs not, on one bitsandbytes Linear4bit: y, dX, dA, dB
+    (fp64 reference on the dequantised weight as the bound; PEFT's own result as the same-dtype error)."""
+    import inspect
+
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from fused_lora import reference
+    from fused_lora.integrations.peft_qlora import fused_linear4bit_class
+    from fused_lora.kernels import dropout_mask
+
+    from helpers import assert_close_to_ref, f64
+
+    torch.manual_seed(0)
+    K, N, r = 128, 40, 6
+    base = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    base = base.to("cpu")
+    kwargs = {"r": r, "lora_alpha": 12}
+    if "config" in inspect.signature(Linear4bit.__init__).parameters:
+        kwargs["config"] = peft.LoraConfig(r=r, lora_alpha=12, lora_dropout=p)
+    else:
+        kwargs["lora_dropout"] = p
+    layer = Linear4bit(base, "default", **kwargs).train()
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.3)
+    x, dy = torch.randn(3, 7, K), torch.randn(3, 7, N)
+
+    def run(cls):
+        layer.__class__ = cls
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(4)
+        y = layer(xg)
+        y.backward(dy)
+        return (
+            y.detach(),
+            xg.grad,
+            layer.lora_A["default"].weight.grad.clone(),
+            layer.lora_B["default"].weight.grad.clone(),
+        )
+
+    ours = run(fused_linear4bit_class())
+    mask = None
+    if p > 0:  # PEFT's own forward draws torch's dropout mask: compare ours with the reference on our mask
+        torch.manual_seed(4)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        mask = dropout_mask(seed, 21, K, p).reshape(x.shape)
+    theirs = run(Linear4bit) if p == 0 else None
+    w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    x64, w64, a64, b64, bias64 = f64(x, w, a, b, base.bias.detach())
+    for t in (x64, a64, b64):
+        t.requires_grad_()
+    y64 = reference.lora_linear(x64, w64, a64, b64, 2.0, bias64, p, dropout_mask=mask)
+    y64.backward(dy.double())
+    if theirs is None:  # with dropout PEFT draws its own mask: the same-dtype error is fp32 torch's on ours
+        x32, a32, b32 = (t.clone().requires_grad_() for t in (x, a, b))
+        y32 = reference.lora_linear(x32, w, a32, b32, 2.0, base.bias.detach(), p, dropout_mask=mask)
+        y32.backward(dy)
+        theirs = (y32.detach(), x32.grad, a32.grad, b32.grad)
+    for name, got, ref, t in zip(("y", "dX", "dA", "dB"), ours, (y64, x64.grad, a64.grad, b64.grad), theirs):
+        assert_close_to_ref(name, got, ref, t)
