@@ -10,10 +10,12 @@ backward: x itself (the caller's tensor), xa, and an 8-byte seed when dropout is
 regenerated, never stored.
 
 Backward: g = s/(1-p)·dY·B, dB = dYᵀ·xa and dA = gᵀ·drop(x) in one pass over dY and x (lora_grad),
-then dX = dY·W + mask⊙(g·A) (fused GEMM or hybrid, chosen again for this shape). Gradients are computed
+then dX = dY·W + mask⊙(g·A) (fused GEMM or hybrid, chosen again for this shape under the implementation
+setting the forward ran with, whichever thread runs the backward). Gradients are computed
 only for inputs that need them; a trainable W or bias gets its gradient from plain torch (dYᵀ·x, Σ dY).
-With ``create_graph=True`` (double backward) the backward is built from differentiable torch ops with
-the kernels' own mask, so second derivatives are right too.
+With ``create_graph=True`` (double backward, and under every torch.func transform) the backward is built
+from differentiable torch ops with the kernels' own mask, so second derivatives are right too; forward
+mode (jvp, forward_ad) has its own rule, the same way. y is x's leading shape + [N] and not a view.
 
 Both directions are PyTorch custom operators (:mod:`fused_lora.ops`): ``torch.compile`` traces a model
 of fused layers without a graph break, and the kernels run inside the compiled graph.
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from . import base_weight, ops, reference
 from .backend import interpreting, resolve_backend
+from .impl import get_impl
 from .quant import QuantizedWeight
 from .validation import (
     check_dropout,
@@ -52,20 +55,20 @@ def _draw_seed(device: torch.device) -> torch.Tensor:
 
 class LoRALinearFunction:
     """The fused path with the checks already done: ``LoRALinearFunction.apply(x, weight, bias, lora_A,
-    lora_B, scaling, dropout_p, deterministic)``. Differentiable through the custom operators' registered
-    autograd; use :func:`lora_linear`, which checks inputs and picks a backend."""
+    lora_B, scaling, dropout_p, deterministic)``. Differentiable (reverse and forward mode, torch.func)
+    through the custom operator's autograd (:class:`fused_lora.ops.LinearRules`); use :func:`lora_linear`,
+    which checks inputs and picks a backend. y is x's leading shape + [N], and not a view."""
 
     @staticmethod
     def apply(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool, groups=None):
-        K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(x.shape[:-1].numel(), K)  # a view unless x's leading dims cannot be flattened
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
         group_n, bounds = groups if groups is not None else (0, None)
         w, state, info = base_weight.op_args(weight)  # a dense W, or a 4-bit one's packed bytes and state
-        y2, _ = ops.lora_linear_fwd(
-            x2, w, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, bounds, *state, info
-        )
-        return y2.view(*x.shape[:-1], N)
+        y, _ = ops.lora_linear_fwd(
+            x, w, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, bounds, get_impl(),
+            *state, info,
+        )  # fmt: skip
+        return y
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -142,7 +145,7 @@ def lora_linear(
             )
             return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True, groups=groups)
         if lora_A.shape[0] == 0:  # r = 0: a plain linear layer
-            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+            return linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         return LoRALinearFunction.apply(
             x, weight, bias, lora_A, lora_B, scaling, p, torch.are_deterministic_algorithms_enabled(), groups
         )
@@ -150,6 +153,18 @@ def lora_linear(
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose output is not an autograd view. F.linear of an x with more than
+    two dims and a bias returns a view of its 2-D addmm, and an in-place op on a view rebases the graph
+    past the view's node: a hook on the output (FSDP2's pre-backward unshard) never runs. Here the 2-D
+    result is reshaped by ``aten._unsafe_view`` (what torch.matmul does with its own folded product):
+    the same storage, no view tracking, the gradient a reshape. The 2-D result has no other owner."""
+    if x.dim() <= 2:
+        return F.linear(x, weight, bias)
+    y = F.linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, bias)
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def _cast(t, dtype: torch.dtype):

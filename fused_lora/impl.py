@@ -5,14 +5,15 @@
     hybrid  a small kernel writes the low-rank term C = mask⊙(L·R) + bias as an [M, N] tensor
             (kernels.low_rank) and cuBLAS finishes: y = addmm(C, x, Wᵀ), dX = addmm(T, dY, W). One
             [M, N] write and read more, traded for cuBLAS's main loop: the safety net where our GEMM
-            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for). C is rounded to
-            the activations' dtype before cuBLAS adds x·Wᵀ: one rounding more than the fused GEMM and
-            the reference make, of the size of the term's own 16-bit rounding. With fp16 activations
-            and fp32 adapters that rounding could overflow (the term beyond 65504 while y, after
-            cancelling with x·Wᵀ, is not), so there C (T) is written in fp32, cuBLAS's fp32-output
-            addmm adds x·Wᵀ and one cast rounds the sum, as the fused GEMM does: twice C's traffic
-            and a cast more, which `auto` weighs when it times the two. bf16 has fp32's range: its
-            16-bit C cannot overflow and stays.
+            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for). With bf16
+            activations C is rounded to bf16 before cuBLAS adds x·Wᵀ: one rounding more than the
+            fused GEMM makes, of the size of the term's own 16-bit rounding (bf16 has fp32's range:
+            that C cannot overflow). With fp16 activations — fp16 or fp32 adapters alike — an fp16 C
+            could overflow where the fused GEMM's fp32 accumulator does not (the term beyond 65504
+            while y, after cancelling with x·Wᵀ, is not), so there C (T) is written in fp32, cuBLAS's
+            fp32-output addmm adds x·Wᵀ and one cast rounds the sum, as the fused GEMM does: the two
+            implementations then give the same finite answer, and `auto`'s choice cannot turn it into
+            inf. Twice C's traffic and a cast more, which `auto` weighs when it times the two.
 
 Both use the same shrink and grad kernels, save the same tensors (x, xa, the seed) and draw the same
 dropout mask, so the choice can differ between forward and backward, and between shapes.
@@ -25,7 +26,9 @@ dropout mask, so the choice can differ between forward and backward, and between
     fused    / hybrid: force one.
 
 Chosen, most specific first, by :func:`use_impl` (this thread / task), :func:`set_impl` (process),
-the environment variable ``FUSED_LORA_IMPL``, then ``auto``.
+the environment variable ``FUSED_LORA_IMPL``, then ``auto``. The setting is read when a forward runs
+and the backward of that forward follows it (autograd may run a backward on another thread — on CUDA
+it does —, which would not see a ``use_impl`` block of the forward's thread).
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ def set_impl(name: str | None) -> None:
 
 
 def get_impl() -> str:
-    """The configured implementation name (before 'auto' is resolved for a problem)."""
+    """The configured implementation name (before 'auto' is resolved for a problem). Read when a
+    forward runs and carried to its backward; under torch.compile read once, when a graph is traced."""
     return _SETTING.get()
+
+
+get_impl._dynamo_marked_constant = True  # type: ignore[attr-defined]  # as backend.resolve_backend
 
 
 @contextlib.contextmanager
@@ -60,15 +67,15 @@ def use_impl(name: str) -> Iterator[None]:
         yield
 
 
-def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None) -> torch.Tensor:
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None, name=None) -> torch.Tensor:
     """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem (`groups`: see
-    kernels.lora_gemm)."""
+    kernels.lora_gemm; `name`: the configured implementation, :func:`get_impl` when None)."""
 
     def fused():
         return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
 
     def hybrid():
-        if _wide(x2.dtype, lora_B.dtype):
+        if _wide(x2.dtype):
             c = k.low_rank(xa, lora_B.t(), out_dtype=torch.float32, bias=bias, groups=groups, x_dtype=x2.dtype)
             return addmm_fp32(c, x2, weight.t()).to(x2.dtype)
         c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias, groups=groups)
@@ -76,17 +83,19 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
 
     M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]
     key = ("fwd", x2.dtype, lora_B.dtype, M, N, K, r, 0.0, bias is not None)
-    return _run(key, fused, hybrid, deterministic, x2.device)
+    return _run(key, fused, hybrid, deterministic, x2.device, name)
 
 
-def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool) -> torch.Tensor:
-    """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem."""
+def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool, name=None) -> torch.Tensor:
+    """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem (`name`: the
+    implementation configured when the forward ran — the backward may run on another thread, which does
+    not see a ``use_impl`` block of the forward's; :func:`get_impl` when None)."""
 
     def fused():
         return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
 
     def hybrid():
-        if _wide(dy2.dtype, lora_A.dtype):
+        if _wide(dy2.dtype):
             t = k.low_rank(g, lora_A, out_dtype=torch.float32, dropout_p=dropout_p, seed=seed, x_dtype=dy2.dtype)
             return addmm_fp32(t, dy2, weight).to(dy2.dtype)
         t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
@@ -94,14 +103,16 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
 
     M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]
     key = ("bwd", dy2.dtype, lora_A.dtype, M, K, N, r, dropout_p, False)
-    return _run(key, fused, hybrid, deterministic, dy2.device)
+    return _run(key, fused, hybrid, deterministic, dy2.device, name)
 
 
-def _wide(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
-    """fp16 activations with fp32 adapters: the low-rank term is fp32 (as the reference / PEFT compute it)
-    and may exceed fp16's range where y does not (cancellation with x·Wᵀ), so C must stay fp32. bf16 has
-    fp32's range: its C cannot overflow, and keeps the cheaper 16-bit C (see the module docstring)."""
-    return x_dtype == torch.float16 and adapter_dtype == torch.float32
+def _wide(x_dtype: torch.dtype) -> bool:
+    """fp16 activations (with fp16 or fp32 adapters): the low-rank term, which the kernels form in fp32
+    (kernels.precision: fp16 adapters never see an fp32 intermediate cast to fp16), may exceed fp16's
+    range where y does not (cancellation with x·Wᵀ), so C must stay fp32, as the fused GEMM's accumulator
+    does. bf16 has fp32's range: its C cannot overflow, and keeps the cheaper 16-bit C (see the module
+    docstring)."""
+    return x_dtype == torch.float16
 
 
 def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,9 +127,10 @@ def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return c.addmm_(a.float(), b.float())
 
 
-def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -> str:
-    """'fused' or 'hybrid' for a problem `key` (direction, dtypes, M, N, K, r, p, bias)."""
-    name = get_impl()
+def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None, name: str | None = None) -> str:
+    """'fused' or 'hybrid' for a problem `key` (direction, dtypes, M, N, K, r, p, bias), under the
+    configured implementation `name` (default :func:`get_impl`)."""
+    name = get_impl() if name is None else _SETTING.check(name, "impl")
     if name != "auto":
         return name
     if deterministic or device.type == "meta":
@@ -131,6 +143,6 @@ def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -
     return tuning.table("impl").pick(table_key, ["fused", "hybrid"], bench, device)
 
 
-def _run(key, fused, hybrid, deterministic: bool, device: torch.device) -> torch.Tensor:
+def _run(key, fused, hybrid, deterministic: bool, device: torch.device, name: str | None) -> torch.Tensor:
     impls = {"fused": fused, "hybrid": hybrid}
-    return impls[resolve(key, deterministic, device, bench=lambda n: impls[n])]()
+    return impls[resolve(key, deterministic, device, bench=lambda n: impls[n], name=name)]()

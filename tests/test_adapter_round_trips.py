@@ -270,9 +270,11 @@ class _nothing:
 
 def test_layers_already_there_keep_their_adapter_dtype(tmp_path):
     directory = peft_file(tmp_path, torch.float16)
-    model = Mixed()
-    fused_lora.inject_lora(model, ["emb", "conv", "fc"], r=2, lora_dtype=torch.float64)
+    # bf16 adapters on a bf16 model (from_*'s default there would be fp32; fp64 adapters on an fp32 table are
+    # refused when the layer is built, as no forward takes them)
+    model = Mixed().to(torch.bfloat16)
+    fused_lora.inject_lora(model, ["emb", "conv", "fc"], r=2, lora_dtype=torch.bfloat16)
     fused_lora.load_adapter(model, directory)
-    assert {m.lora_A.dtype for _, m in inject.lora_layers(model)} == {torch.float64}
+    assert {m.lora_A.dtype for _, m in inject.lora_layers(model)} == {torch.bfloat16}
     file = safetensors.load_file(directory / "adapter_model.safetensors")
-    assert torch.equal(model.fc.lora_B, file["base_model.model.fc.lora_B.weight"].double())
+    assert torch.equal(model.fc.lora_B, file["base_model.model.fc.lora_B.weight"].to(torch.bfloat16))
