@@ -59,7 +59,44 @@ def dense(weight: torch.Tensor, state: State, info: list[int] | None, dtype: tor
 
 
 def dense_copy(weight: torch.Tensor, state: State, info: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in `dtype` as a tensor of its own (the double backward keeps it in its graph)."""
+    """W [N, K] in `dtype` as a tensor of its own (the double backward and the forward-mode rule keep it in
+    their graphs), through the ``fused_lora::dequantize_4bit`` operator: torch.func's wrapped tensors and
+    FakeTensors reach the kernel as plain ones."""
     if info is None:
         return weight
-    return QuantizedWeight.from_op_args(weight, [t for t in state if t is not None], info).dequantize(dtype)
+    return dequantize_4bit(weight, *state, info, dtype)
+
+
+def dequantized(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit weight as a dense [N, K] tensor of `dtype` of its own (through the operator)."""
+    packed, state, info = op_args(weight)
+    return dense_copy(packed, state, info, dtype)
+
+
+@torch.library.custom_op("fused_lora::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    info: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """W [N, K] = dequant(packed) in `dtype` (the kernel, or the reference off the Triton backend)."""
+    state = [t for t in (absmax, absmax2, code2, offset) if t is not None]
+    return QuantizedWeight.from_op_args(packed, state, info).dequantize(dtype)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, absmax2, code2, offset, info, dtype):
+    return packed.new_empty((info[0], info[1]), dtype=dtype)
+
+
+def _register_vmap() -> None:
+    from .opdef import vmap_by_loop
+
+    dequantize_4bit.register_vmap(vmap_by_loop(dequantize_4bit))
+
+
+_register_vmap()

@@ -131,7 +131,7 @@ def lora_linear(
     with guard:
         if quantized is not None:  # the kernels take the 4-bit weight itself; anything else a dense copy
             kernels = backend == "triton" and lora_A.shape[0] > 0 and not _interpreted_bf16(x)
-            weight = quantized if kernels else quantized.dequantize(x.dtype)
+            weight = quantized if kernels else base_weight.dequantized(quantized, x.dtype)
         if backend == "reference":
             return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True, groups=groups)
         check_kernel_dtypes(x)

@@ -193,3 +193,25 @@ def test_torch_compile_fullgraph(backend):
     y2 = f(x, a, b)
     y2.sum().backward()
     assert torch.allclose(y, y2, atol=1e-5) and torch.allclose(ga, a.grad, atol=1e-4) and torch.allclose(gb, b.grad)
+
+
+def test_torch_func_jvp_grad_and_double_backward_with_a_4bit_weight():
+    """Forward mode, torch.func and double backward see the dequantised weight: the same results as the
+    dense weight the kernel produces."""
+    x, _, a, b, bb = lora_inputs(6, 64, 24, 3, device=DEVICE)
+    q = quantized(24, 64)
+    w = q.dequantize(torch.float32)
+    dx = torch.randn_like(x)
+    f4 = lambda x, a: fused_lora.lora_linear(x, q, a, b, 2.0, bb)
+    fd = lambda x, a: fused_lora.lora_linear(x, w, a, b, 2.0, bb)
+    (y4, t4), (yd, td) = (torch.func.jvp(f, (x, a), (dx, torch.zeros_like(a))) for f in (f4, fd))
+    assert torch.allclose(y4, yd, atol=1e-6) and torch.allclose(t4, td, atol=1e-5)
+    g4, gd = (torch.func.grad(lambda x, f=f: f(x, a).square().sum())(x) for f in (f4, fd))
+    assert torch.allclose(g4, gd, atol=1e-4)
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(f4(xg, a).square().sum(), xg, create_graph=True)
+    (gxd,) = torch.autograd.grad(fd(xg, a).square().sum(), xg, create_graph=True)
+    assert torch.allclose(gx, gxd, atol=1e-4)
+    (h,) = torch.autograd.grad(gx.sum(), xg)
+    (hd,) = torch.autograd.grad(gxd.sum(), xg)
+    assert torch.allclose(h, hd, atol=1e-4)
