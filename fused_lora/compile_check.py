@@ -134,7 +134,7 @@ def compile_job(job: Job, arch: int) -> Row:
             for k, v in job.meta_for(arch).items()
         }
         sig, constexprs, attrs = _spec(fn, job.args, meta)
-        options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+        options = {"num_warps": job.num_warps, "num_stages": job.num_stages, **job.options}
         with nvtools.ptxas_report() as report:  # Triton's own ptxas run, with its binary and flags
             compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                       options=options)  # fmt: skip

@@ -29,9 +29,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import base_weight, ops, reference
 from .backend import interpreting, resolve_backend
 from .impl import get_impl
+from .quant import QuantizedWeight
 from .validation import (
     check_dropout,
     check_groups,
@@ -62,9 +63,11 @@ class LoRALinearFunction:
     def apply(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, deterministic: bool, groups=None):
         seed = _draw_seed(x.device) if dropout_p > 0.0 else None
         group_n, bounds = groups if groups is not None else (0, None)
+        w, state, info = base_weight.op_args(weight)  # a dense W, or a 4-bit one's packed bytes and state
         y, _ = ops.lora_linear_fwd(
-            x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, bounds, get_impl()
-        )
+            x, w, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, bounds, get_impl(),
+            *state, info,
+        )  # fmt: skip
         return y
 
 
@@ -89,7 +92,9 @@ def lora_linear(
     """y = x·Wᵀ + bias + scaling·(drop(x)·lora_Aᵀ)·lora_Bᵀ, fused (see the module docstring).
 
     x [..., in_features] in fp16 / bf16 / fp32 (any strides); weight [out, in] in x's dtype (a
-    transposed view is fine); lora_A [r, in] and lora_B [out, r] in x's dtype or fp32; bias [out] or
+    transposed view is fine), or a 4-bit :class:`fused_lora.quant.QuantizedWeight` (QLoRA: dequantised to
+    x's dtype into a shared scratch just before each GEMM, forward and backward; never kept); lora_A
+    [r, in] and lora_B [out, r] in x's dtype or fp32; bias [out] or
     None. Dropout (probability `dropout_p`, only when `training`) applies to the low-rank path's input.
 
     Under ``torch.autocast`` it behaves as ``nn.Linear`` does: x, weight and bias are cast to the
@@ -103,11 +108,16 @@ def lora_linear(
     reference backend honours it by zeroing B outside the blocks, as the kernels' result assumes.
     """
     cast = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    quantized = weight if isinstance(weight, QuantizedWeight) else None
     if cast is not None:  # as nn.Linear under autocast: x, W, bias in the autocast dtype; fp32 adapters stay
-        x, weight = _cast(x, cast), _cast(weight, cast)
+        x, weight = _cast(x, cast), (weight if quantized else _cast(weight, cast))
         bias = _cast(bias, cast) if bias is not None else None
         if isinstance(lora_A, torch.Tensor) and lora_A.dtype != torch.float32:
             lora_A, lora_B = _cast(lora_A, cast), _cast(lora_B, cast)
+    if quantized is not None:  # checked as a weight of x's dtype (what it is dequantised to)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        weight = base_weight.stand_in(quantized, x.dtype)
     check_lora_inputs(x, weight, lora_A, lora_B, bias)
     groups = check_groups(groups, weight.shape[0], lora_A.shape[0], x.device)
     p = check_dropout(dropout_p)  # checked in eval too: a bad value must not wait for train() to surface
@@ -119,10 +129,13 @@ def lora_linear(
     guard = torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
     with guard:
+        if quantized is not None:  # the kernels take the 4-bit weight itself; anything else a dense copy
+            kernels = backend == "triton" and lora_A.shape[0] > 0 and not _interpreted_bf16(x)
+            weight = quantized if kernels else base_weight.dequantized(quantized, x.dtype)
         if backend == "reference":
             return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, p, training=True, groups=groups)
         check_kernel_dtypes(x)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting():
+        if _interpreted_bf16(x):
             # Triton's interpreter multiplies bf16 tl.dot operands wrongly (triton-lang/triton#11584)
             warnings.warn(
                 "bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products wrongly, "
@@ -136,6 +149,10 @@ def lora_linear(
         return LoRALinearFunction.apply(
             x, weight, bias, lora_A, lora_B, scaling, p, torch.are_deterministic_algorithms_enabled(), groups
         )
+
+
+def _interpreted_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,11 @@ torch.func see.
                                 deterministic, need_x, need_A, need_B, impl) -> (dx [..., K], dA [r, K], dB [N, r])
     fused_lora::dropout_mask(seed [1], M, K, dropout_p) -> keep [M, K] bool   (the kernels' mask)
 
+The base weight is dense, or 4-bit (QLoRA): then `weight` is its packed bytes, the four trailing
+`weight_*` tensors its state (absmax; absmax2, code2, offset with double quantisation) and `weight_info`
+its shape and format (:mod:`fused_lora.base_weight`); each op dequantises W into the shared scratch just
+before its GEMM (y forward, dX backward): no 16-bit copy of W is saved or kept.
+
 Each is opaque to the compiler: its body launches the Triton kernels (or, on CPU tensors, the kernels
 under Triton's interpreter), and a fake implementation gives shapes, dtypes and strides to FakeTensor
 tracing and to the meta device. y comes back in x's leading shape and is not a view of anything (an
@@ -38,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import impl, reference
+from . import base_weight, impl, reference
 from .opdef import Rules, attach_autograd, below_autograd, define, unflatten, vmap_by_loop
 
 _kernels = None
@@ -83,22 +88,30 @@ def _fwd(
     group_n: int,
     group_bounds: torch.Tensor | None,
     impl_name: str,
+    weight_absmax: torch.Tensor | None = None,
+    weight_absmax2: torch.Tensor | None = None,
+    weight_code2: torch.Tensor | None = None,
+    weight_offset: torch.Tensor | None = None,
+    weight_info: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [..., N], xa [M, r]): y = x·Wᵀ + bias + xa·Bᵀ with xa = s·drop(x)·Aᵀ. With `group_bounds`
     (grouped adapters, MergedLinear) output column n only multiplies rank columns bounds[n // group_n] ..
     bounds[n // group_n + 1] — the rest of its row of B is zero."""
-    k, N = _k(), weight.shape[0]
+    k, N = _k(), base_weight.out_features(weight, weight_info)
     x2 = _2d(x)  # a view unless x's leading dims cannot be flattened
     xa = k.shrink(x2, lora_A, scale=scaling, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
     groups = (group_n, group_bounds) if group_bounds is not None else None
-    y2 = impl.forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic, groups, impl_name)
+    state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
+    with base_weight.dense(weight, state, weight_info, x.dtype) as w:  # a 4-bit W: dequantised, shared scratch
+        y2 = impl.forward_gemm(k, x2, w, xa, lora_B, bias, deterministic, groups, impl_name)
     return unflatten(y2, x.shape[:-1], N), xa
 
 
-def _fwd_fake(
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds, impl_name
-):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), _padded_fp32(x, _rows(x), lora_A.shape[0])
+def _fwd_fake(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds,
+              impl_name, weight_absmax=None, weight_absmax2=None, weight_code2=None, weight_offset=None,
+              weight_info=None):  # fmt: skip
+    N = base_weight.out_features(weight, weight_info)
+    return x.new_empty((*x.shape[:-1], N)), _padded_fp32(x, _rows(x), lora_A.shape[0])
 
 
 lora_linear_fwd = define("lora_linear_fwd", _fwd, _fwd_fake)
@@ -120,6 +133,11 @@ def lora_linear_bwd(
     need_A: bool,
     need_B: bool,
     impl_name: str,
+    weight_absmax: torch.Tensor | None = None,
+    weight_absmax2: torch.Tensor | None = None,
+    weight_code2: torch.Tensor | None = None,
+    weight_offset: torch.Tensor | None = None,
+    weight_info: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [..., K], dA, dB) in x's and the adapters' dtypes; each an empty tensor when not needed."""
     k = _k()
@@ -130,7 +148,9 @@ def lora_linear_bwd(
         g, da, db = k.lora_grad(dy2, lora_B, xa, x2, scaling=scaling, dropout_p=dropout_p, seed=seed,
                                 need_g=need_x, need_dA=need_A, need_dB=need_B, deterministic=deterministic)  # fmt: skip
         if need_x:
-            dx = impl.backward_dx(k, dy2, weight, g, lora_A, dropout_p, seed, deterministic, impl_name)
+            state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
+            with base_weight.dense(weight, state, weight_info, dy.dtype) as w:  # a 4-bit W: dequantised again
+                dx = impl.backward_dx(k, dy2, w, g, lora_A, dropout_p, seed, deterministic, impl_name)
             dx = unflatten(dx, x.shape[:-1], K)
         dA = da.to(lora_A.dtype) if need_A else dA
         dB = db.to(lora_B.dtype) if need_B else dB
@@ -138,7 +158,8 @@ def lora_linear_bwd(
 
 
 @lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic, need_x, need_A, need_B, impl_name):
+def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic, need_x, need_A, need_B, impl_name,
+      weight_absmax=None, weight_absmax2=None, weight_code2=None, weight_offset=None, weight_info=None):  # fmt: skip
     return (
         x.new_empty(x.shape if need_x else (0,)),
         lora_A.new_empty(lora_A.shape if need_A else (0,)),
@@ -175,35 +196,40 @@ class LinearRules(Rules):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds, name = inputs
+        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds = inputs[:11]
+        name = inputs[11]
+        state = (*inputs[12:16], *(None,) * (16 - max(len(inputs), 12)))  # a 4-bit weight's state, or Nones
+        ctx.weight_info = inputs[16] if len(inputs) > 16 else None
         _, xa = output
         ctx.mark_non_differentiable(xa)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.save_for_forward(x, weight, lora_A, lora_B, xa, seed, group_bounds)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed, *state)
+        ctx.save_for_forward(x, weight, lora_A, lora_B, xa, seed, group_bounds, *state)
         ctx.scaling, ctx.dropout_p, ctx.deterministic, ctx.impl = scaling, dropout_p, deterministic, name
         ctx.group_n = group_n
         ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
     def backward(ctx, dy, _dxa):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xa, seed, *state = ctx.saved_tensors
         need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():  # create_graph=True (and torch.func): a backward that is itself differentiable
-            grads = differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed)
+            dense = base_weight.dense_copy(weight, state, ctx.weight_info, x.dtype)
+            grads = differentiable_backward(ctx, dy, x, dense, lora_A, lora_B, seed)
         else:
             dx, dA, dB = torch.ops.fused_lora.lora_linear_bwd(
                 dy, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.deterministic,
-                need_x, need_A, need_B, ctx.impl,
+                need_x, need_A, need_B, ctx.impl, *state, ctx.weight_info,
             )  # fmt: skip
             dy2, x2 = _2d(dy), _2d(x)
             dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None
             dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
             grads = (dx if need_x else None), dw, dbias, (dA if need_A else None), (dB if need_B else None)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *(None,) * 12)
 
     @staticmethod
     def jvp(ctx, dx, dw, dbias, dA, dB, *_):
-        x, weight, lora_A, lora_B, xa, seed, group_bounds = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xa, seed, group_bounds, *state = ctx.saved_tensors
+        weight = base_weight.dense_copy(weight, state, ctx.weight_info, x.dtype)  # a 4-bit W: dequantised
         return tangent(ctx, x, weight, lora_A, lora_B, xa, seed, group_bounds, dx, dw, dbias, dA, dB), None
 
 
@@ -266,11 +292,12 @@ def tangent(ctx, x, weight, lora_A, lora_B, xa, seed, group_bounds, dx, dw, dbia
 
 @torch.library.register_vmap("fused_lora::lora_linear_fwd")
 def _fwd_vmap(info, in_dims, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic,
-              group_n, group_bounds, impl_name):  # fmt: skip
+              group_n, group_bounds, impl_name, *weight_state):  # fmt: skip
     """A batch of x alone (no dropout: the mask depends on the row) is more rows: one call. Anything
     else (batched weights or adapters, a batched seed, dropout) runs one call per batch element, each
     with its own slice — with an unbatched seed, the same mask for every element."""
-    args = [x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds, impl_name]
+    args = [x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, deterministic, group_n, group_bounds, impl_name,
+            *weight_state]  # fmt: skip
     if in_dims[0] is not None and all(d is None for d in in_dims[1:]) and dropout_p == 0.0:
         args[0] = x.movedim(in_dims[0], 0)
         y, xa = lora_linear_fwd(*args)

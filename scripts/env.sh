@@ -44,6 +44,6 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1) $(pwd -P)"
 if [ "${FUSED_LORA_REINSTALL:-0}" != 0 ] || [ "$(cat "$stamp" 2> /dev/null)" != "$want" ] \
    || ! python -c "import importlib.metadata as m; m.version('fused_lora')" 2> /dev/null; then
   rm -f "$stamp"
-  pip install -q -e ".[test,bench,integrations]"
+  pip install -q -e ".[test,bench,integrations,qlora]"
   echo "$want" > "$stamp"
 fi

@@ -58,6 +58,7 @@ def test_every_config_compiles_without_spills(rows):
         ("_low_rank_kernel", configs.LOW_RANK),
         ("_shrink_kernel", configs.SHRINK),
         ("_lora_grad_kernel", configs.GRAD),
+        ("_dequant4bit_kernel", configs.DEQUANT),
     ):
         assert len({c for c in compiled if c[0] == kernel}) == len(table), kernel
 

@@ -34,6 +34,7 @@ from ..backend import resolve_backend
 from ..embedding import lora_embedding
 from ..function import lora_linear
 from ..validation import KERNEL_DTYPES
+from . import peft_qlora
 
 log = logging.getLogger("fused_lora")
 
@@ -204,6 +205,8 @@ def _static_reason(layer) -> str | None:
     lora_layer = _peft_lora()
     if type(layer) is lora_layer.Embedding:
         return _static_embedding_reason(layer)
+    if type(layer) in peft_qlora.classes():  # PEFT's lora.bnb.Linear4bit (QLoRA)
+        return peft_qlora.static_reason(layer)
     if type(layer) in (lora_layer.Conv1d, lora_layer.Conv2d, lora_layer.Conv3d):
         return f"{type(layer).__name__} layer (convolutions stay on PEFT's forward)"
     if type(layer) is not lora_layer.Linear:
@@ -289,6 +292,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
 
 def _patch_layers(model: nn.Module) -> PatchReport:
     fused = {_peft_lora().Linear: _fused_class(), _peft_lora().Embedding: _fused_embedding_class()}
+    fused |= peft_qlora.classes()
     report = PatchReport()
     for name, layer in _lora_layers(model):
         if type(layer) in fused.values():
@@ -308,6 +312,7 @@ def unpatch_peft_model(model: nn.Module) -> int:
         if isinstance(tuner.__dict__.get("inject_adapter"), PatchNewLayers):
             del tuner.__dict__["inject_adapter"]
     peft_cls = {_fused_class(): _peft_lora().Linear, _fused_embedding_class(): _peft_lora().Embedding}
+    peft_cls |= {fused: peft for peft, fused in peft_qlora.classes().items()}
     n = 0
     for _, layer in _lora_layers(model):
         if type(layer) in peft_cls:
