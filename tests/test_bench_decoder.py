@@ -199,3 +199,45 @@ def test_decoder_defaults():
     linear = parse_args([])
     assert linear.ranks == [1, 4, 8, 16, 32, 64, 128, 256] and linear.adapter_dtype is None
     assert linear.providers == list(model.PROVIDERS)
+
+
+def test_attention_on_the_meta_device_keeps_what_flash_attention_keeps():
+    """Without the routing, SDPA on the meta device takes the math path and keeps [B, h, S, S] scores; with
+    it, what CUDA's flash attention keeps: q, k, v (grouped-query: k and v with their own 2 heads), the
+    output, an fp32 logsumexp [B, h, S] and its RNG state (three 8-byte words). Real tensors are left alone."""
+    from fused_lora.bench.measure import cuda_attention, nbytes, saved_for_backward
+
+    B, h, h_kv, S, d = 2, 4, 2, 64, 16
+    q = torch.empty(B, h, S, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(B, h_kv, S, d, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with cuda_attention():
+        kept = saved_for_backward(sdpa, [])
+    assert nbytes(kept) == 2 * B * S * d * (h + 2 * h_kv + h) + 4 * B * h * S + 3 * 8  # RNG seed [2], offset []
+    assert nbytes(saved_for_backward(sdpa, [])) > 4 * B * h * S * S  # the math path's scores
+    x = torch.randn(1, 2, 5, 4, requires_grad=True)
+    with cuda_attention():
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+    torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True))
+    assert torch.nn.functional.scaled_dot_product_attention.__module__ != "fused_lora.bench.measure"
+
+
+def test_the_report_gives_the_decoder_its_own_section():
+    """docs/benchmarks.md from a results file holding both cases: the decoder rows get a table of their own
+    (time, ratio to the bare layer, PEFT's over ours, peak and saved MB) and stay out of the linear case's
+    targets (its "fused" is the per-shape choice; the decoder's forces the fused GEMM)."""
+    from fused_lora.bench import report
+
+    from test_bench import _measured_rows
+
+    linear = _measured_rows(lambda M, p, mode: 1.00)
+    fields = decoder.make_case(8192, 2048, 16, torch.bfloat16, torch.float32, 0.1, "meta").fields()
+    ms = {"fused": 10.0, "hybrid": 10.4, "auto": 10.0, "peft": 20.0, "floor": 9.0}
+    rows = [{**fields, "mode": mode, "provider": prov, "speed_valid": True, "ms": t * (0.5 if mode == "fwd" else 1),
+             "peak_mb": 3000.0, "saved_mb": 1500.0, "gpu": "g", "torch": "t", "triton": "t", "date": "d", "commit": "c"}
+            for prov, t in ms.items() for mode in ("fwd", "fwdbwd")]  # fmt: skip
+    page = report.render(linear + rows)
+    assert page == report.render(linear) + "\n".join(report.decoder_section(rows)) + "\n"
+    assert "## A whole decoder layer: decoder-8b, 4 x 2048 tokens" in page and "Times: measured, ms." in page
+    assert "| fused | 0.1 | 5.000 | 1.111 | 10.000 | 1.111 | 2.00 | 3000 | 1500 |" in page
+    assert "| peft | 0.1 | 10.000 | 2.222 | 20.000 | 2.222 | 1.00 | 3000 | 1500 |" in page
