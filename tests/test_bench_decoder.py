@@ -56,6 +56,27 @@ def test_ours_and_peft_compute_the_same_layer(name, device):
     assert (y64 - y0.double()).abs().max() > 1e-2, "the adapters must change the output (B is not zero)"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fused", "hybrid", "auto"])
+def test_bf16_decoder_layer_matches_peft_on_gpu(name):
+    """bf16 weights, fp32 adapters (the benchmark's dtypes; the interpreter's bf16 products are wrong, so on
+    a GPU only), a layer past several tiles (hidden 512, 8/2 heads of 64, MLP 1400, 2 x 160 tokens): ours
+    against PEFT's layer in fp64, within the rule's multiple of PEFT's own bf16 error."""
+    dims = {"hidden": 512, "heads": 8, "kv_heads": 2, "head_dim": 64, "intermediate": 1400}
+    case = decoder.make_case(320, 160, 16, torch.bfloat16, torch.float32, 0.0, "cuda", dims=dims, shape="gpu")
+    w = decoder.make_weights(case)
+    ref, y64 = step("peft", *decoder_run.in_float64(case, w))
+    same, y16 = step("peft", case, w)
+    ours, y = step(name, case, w)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_ref("y", y, y64, y16)
+    assert_close_to_ref("dX", ours.x.grad, ref.x.grad, same.x.grad)
+    got, want, peer = (decoder.adapter_grads(p) for p in (ours, ref, same))
+    for key in KEYS:
+        assert got[key].dtype == torch.float32, key
+        assert_close_to_ref(key, got[key], want[key], peer[key])
+
+
 def test_dropout_reaches_every_projection(device):
     """With p = 0.1 ours and PEFT's run, their gradients are finite and non-zero, and the output moves away
     from p = 0's (every provider at both p: the CLI's smoke run, test_the_decoder_case_without_a_gpu)."""
