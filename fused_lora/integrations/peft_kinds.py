@@ -8,8 +8,9 @@ A **kind** serves one PEFT class (exact type: ``lora.Linear``, ``lora.Conv2d``, 
 - ``call_ok(layer, x, args, kwargs)``: the per-call check of the arguments (no extra arguments for most);
 - the fused subclass of PEFT's class, made on first use: its forward asks the kind which path serves this
   call (one active adapter, not merged, adapters enabled, the path's own per-call check) and runs it, or
-  hands the call to PEFT's forward. It prints as PEFT's class does and pickles by name: every fused class
-  is an attribute of :mod:`fused_lora.integrations.peft_patch` (``FusedLoraLinear``, ``FusedLoraConv2d``...).
+  hands the call to PEFT's forward. Its ``__name__`` is PEFT's (so its repr and PEFT's messages are
+  unchanged); it pickles by its qualified name, an attribute of :mod:`fused_lora.integrations.peft_patch`
+  (``FusedLoraLinear``, ``FusedLoraConv2d``, ...).
 
 Other kinds plug in with one call, without touching the existing ones::
 
@@ -166,12 +167,11 @@ def _make_fused(kind: LayerKind) -> type:
         path, adapter = served
         return path.forward(self, adapter, x, *args, **kwargs)
 
-    def _get_name(self) -> str:  # repr: PEFT's own ("lora.Linear(...)", "adalora.SVDLinear(...)")
-        return base.__name__
-
     doc = f"PEFT's {kind.name}, running fused_lora's path whenever it can serve the call."
-    cls = type(kind.fused_name, (base,), {"forward": forward, "_get_name": _get_name, "__doc__": doc})
-    cls.__module__, cls.__qualname__ = PATCH_MODULE, kind.fused_name  # pickle finds it by module and name
+    cls = type(base.__name__, (base,), {"forward": forward, "__doc__": doc})
+    # named as PEFT's class (its repr and its messages, "lora.Linear(...)", "lora.MultiheadAttention does not
+    # support ...", read type(self).__name__), found by pickle under its own qualified name in peft_patch
+    cls.__module__, cls.__qualname__ = PATCH_MODULE, kind.fused_name
     return cls
 
 
