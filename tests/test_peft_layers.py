@@ -189,7 +189,7 @@ def test_lora_bias_linear_matches_peft(target, tmp_path):
 def test_patched_layers_repr_is_peft():
     """Every patched kind prints exactly as PEFT's layer (PEFT's TestLayerRepr checks these forms)."""
     emb = nn.Sequential(nn.Embedding(10, 4))
-    models = [peft_net(CONVS + ["lin", "gpt"][:1]), peft.get_peft_model(emb, peft.LoraConfig(target_modules=["0"]))]
+    models = [peft_net([*CONVS, "lin"]), peft.get_peft_model(emb, peft.LoraConfig(target_modules=["0"]))]
     for model in models:
         expected = {n: repr(m) for n, m in model.named_modules()}
         fused_lora.patch_peft_model(model)
@@ -361,3 +361,59 @@ def test_param_wrapper():
     assert_matches_peft(model, ref, torch.randn(3, 7))
     assert (LAUNCHES - before)["_shrink_kernel"] == 1
     assert not model.base_model.model.lin.base_layer.__dict__.get("parametrizations")
+
+
+# ---------------------------------------------------------------- the registry, pickling, the report
+
+
+def test_a_registered_path_serves_a_variant():
+    """The plug-in point for DoRA (issue 18): a path registered first on lora.Linear serves the adapters it
+    accepts — the layer is then patched and its calls reach the path; without it the layer is reported."""
+    from fused_lora.integrations.peft_kinds import AdapterPath, register_path
+    from fused_lora.integrations.peft_linear import LINEAR
+
+    def make():
+        torch.manual_seed(0)
+        return peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
+
+    assert fused_lora.patch_peft_model(make()).not_patched == {"base_model.model.lin": "DoRA / LoRA variant"}
+    calls = []
+
+    def forward(layer, adapter, x):
+        calls.append(adapter)
+        return type(layer).__mro__[1].forward(layer, x)  # PEFT's DoRA forward, standing in for a fused one
+
+    dora = lambda layer, adapter: None if layer.use_dora.get(adapter) else "not DoRA"
+    path = AdapterPath("DoRA", dora, forward)
+    register_path("lora.Linear", path, first=True)
+    try:
+        model = make()
+        ref = copy.deepcopy(model)
+        assert fused_lora.patch_peft_model(model).patched == ["base_model.model.lin"]
+        x = torch.randn(2, 3, 11)
+        torch.testing.assert_close(model(x), ref(x))
+        assert calls == ["default"]
+    finally:
+        LINEAR.paths.remove(path)
+
+
+def test_patched_models_pickle_and_report(tmp_path):
+    """Every new fused class pickles by name (torch.save / load), and the report lists kinds and reasons."""
+    import pickle
+
+    model = peft_net([*CONVS, "lin"], lora_bias=True).eval()
+    report = fused_lora.patch_peft_model(model)
+    text = str(report)
+    assert "on fused_lora's path: 1 x lora.Conv1d, 2 x lora.Conv2d, 1 x lora.Conv3d, 1 x lora.Linear" in text, text
+    back = pickle.loads(pickle.dumps(model))
+    names = sorted({type(m).__qualname__ for m in back.modules() if type(m).__module__.startswith("fused_lora")})
+    assert names == ["FusedLoraConv1d", "FusedLoraConv2d", "FusedLoraConv3d", "FusedLoraLinear"]
+    x = torch.randn(2, 3, 11)
+    torch.testing.assert_close(back(x), model(x))
+    attn = peft.get_peft_model(Attn(), peft.LoraConfig(target_modules=["mha"]))
+    fused_lora.patch_peft_model(attn)
+    ada = adalora_model()
+    fused_lora.patch_peft_model(ada)
+    for m in (attn, ada):
+        torch.save(m, tmp_path / "m.pt")
+        assert type(torch.load(tmp_path / "m.pt", weights_only=False)) is type(m)
