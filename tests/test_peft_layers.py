@@ -417,3 +417,19 @@ def test_patched_models_pickle_and_report(tmp_path):
     for m in (attn, ada):
         torch.save(m, tmp_path / "m.pt")
         assert type(torch.load(tmp_path / "m.pt", weights_only=False)) is type(m)
+
+
+def test_patched_convolution_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces a patched convolution (lora_conv's autograd Function) with no
+    graph break; forward and gradients equal eager's."""
+    model = peft_net(["c1"], lora_bias=True).train()
+    fused_lora.patch_peft_model(model)
+    x = torch.randn(2, 3, 11)
+    eager = step(model, x)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    compiled = step(torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    torch.testing.assert_close(compiled[0], eager[0])
+    grads = {n.removeprefix("_orig_mod."): g for n, g in compiled[2].items()}
+    assert grads.keys() == eager[2].keys()
+    for n in eager[2]:
+        torch.testing.assert_close(grads[n], eager[2][n], msg=n)
