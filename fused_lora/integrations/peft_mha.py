@@ -79,6 +79,8 @@ def _call_ok(layer, query, args, kwargs) -> bool:
 
 
 def _servable(layer, adapter: str, query: torch.Tensor) -> bool:
+    if not isinstance(query, torch.Tensor):
+        return False
     base = layer.get_base_layer()
     out = base.out_proj
     if out.merged or out.disable_adapters or out.active_adapters != layer.active_adapters:
@@ -87,7 +89,7 @@ def _servable(layer, adapter: str, query: torch.Tensor) -> bool:
         return False
     dev = query.device.type
     autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
-    return isinstance(query, torch.Tensor) and (autocast or query.dtype == base.in_proj_weight.dtype)
+    return autocast or query.dtype == base.in_proj_weight.dtype
 
 
 def _forward(layer, adapter: str, query: torch.Tensor, *args, **kwargs):
