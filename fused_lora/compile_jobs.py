@@ -48,6 +48,8 @@ def _modes(dt: str, lora_dt: str, kept: bool) -> dict:
         return {"LORA_MODE": 2, "LORA_DTYPE": "tl.fp32"}
     if lora_dt == "fp32":
         return {"LORA_MODE": 2 if kept else 1, "LORA_DTYPE": "tl.fp32"}
+    if lora_dt == "fp16":  # fp16 adapters: fp32 intermediates stay fp32, rounded to TF32
+        return {"LORA_MODE": 1, "LORA_DTYPE": "tl.fp32"}
     return {"LORA_MODE": 0, "LORA_DTYPE": "tl." + lora_dt}
 
 
@@ -135,10 +137,12 @@ def gemm_jobs(sizes: dict) -> list[Job]:
 def low_rank_jobs(sizes: dict) -> list[Job]:
     from fused_lora.kernels.configs import LOW_RANK, R_CHUNK, keep_gemm
 
-    # fp16 activations with fp32 adapters: the term is written in fp32 for cuBLAS's fp32-output addmm
+    # fp16 activations (fp32 or fp16 adapters): the term is written in fp32 for cuBLAS's fp32-output addmm
     # (fused_lora/impl.py; a 16-bit C could overflow where y is finite), in the TF32 mode of fp16 x.
     fp32_out = (("y+bias, fp16 x/W, fp32 A/B, fp32 C", "fp16", "fp32", False),
-                ("dX+dropout, fp16, fp32 A/B, fp32 T", "fp16", "fp32", True))  # fmt: skip
+                ("dX+dropout, fp16, fp32 A/B, fp32 T", "fp16", "fp32", True),
+                ("y+bias, fp16 x/W/A/B, fp32 C", "fp16", "fp16", False),
+                ("dX+dropout, fp16 x/A/B, fp32 T", "fp16", "fp16", True))  # fmt: skip
     jobs = []
     for c in LOW_RANK:
         for label, dt, lora_dt, backward in (*GEMM_VARIANTS[:3], *fp32_out):

@@ -14,10 +14,14 @@ takes one int kernel_size (the same k in every dimension); a tuple of equal size
 int, a non-uniform one (e.g. (3, 5)) is a ValueError.
 
 **Forward.** As loralib: W + ΔW is formed and torch/cuDNN runs one convolution with it. W + s·B·A is one
-``addmm`` ([out/groups·k, r·k]×[r·k, in·k^(d-1)] added to W, fp32, rounded once to W's dtype) — the very
-bits ``merge()`` writes, so merged and unmerged layers agree exactly. ΔW is weight-sized, small beside
-the activations; no Triton kernel is involved (measured on a CPU, the fused addmm built W + ΔW 1.5–3.7×
-faster than loralib's ``W + (B@A).view(W.shape)·s``; see the README).
+``addmm`` ([out/groups·k, r·k]×[r·k, in·k^(d-1)] added to W, fp32 with autocast off, rounded once to W's
+dtype); under ``torch.autocast`` the convolution then runs in the autocast dtype on that weight, as
+``nn.Conv2d`` under autocast does on W + ΔW (loralib's B@A would run in bf16 there). ΔW is weight-sized,
+small beside the activations; no Triton kernel is involved (measured on a CPU, the fused addmm built
+W + ΔW 1.5–3.7× faster than loralib's ``W + (B@A).view(W.shape)·s``; see the README). That addmm is
+torch's fp32 GEMM (TF32 where the user allows it), while ``merge()`` forms ΔW in float64 so that no
+setting changes its bits (fused_lora.merging): a merged layer's W and the unmerged forward's differ by
+at most the GEMM's rounding, and the outputs agree to fp32 rounding rather than bit for bit.
 
 **Dropout.** loralib accepts ``lora_dropout`` for convolutions but never applies it. Here it is applied
 as PEFT does, to the low-rank path's input: y = conv(x, W) + bias + conv(dropout(x), ΔW) — a second
@@ -40,9 +44,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import UninitializedParameter
 
+from . import sharing
 from .distributed import is_dtensor
-from .merging import ExactMerge, MergeRecord, MergeTarget
-from .validation import check_dropout, check_rank
+from .merging import ExactMerge, MergeRecord, MergeTarget, delta_product, no_autocast
+from .validation import check_alpha, check_dropout, check_flag, check_lora_dtype, check_rank
 
 
 def check_kernel_size(kernel_size, dims: int, name: str = "kernel_size") -> int:
@@ -64,6 +69,14 @@ def check_kernel_size(kernel_size, dims: int, name: str = "kernel_size") -> int:
     return int(kernel_size)
 
 
+def _check_lora_args(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype):
+    """The LoRA arguments of a convolution, checked: (r, dropout p, merge_weights, use_rslora, lora_alpha,
+    lora_dtype)."""
+    r, p = check_rank(r), check_dropout(lora_dropout, "lora_dropout")
+    merge_weights, use_rslora = check_flag(merge_weights, "merge_weights"), check_flag(use_rslora, "use_rslora")
+    return r, p, merge_weights, use_rslora, check_alpha(lora_alpha, r, use_rslora), check_lora_dtype(lora_dtype)
+
+
 class _ConvLoRA(ExactMerge, nn.Module):
     conv_cls: ClassVar[type[nn.Module]]
     dims: ClassVar[int]
@@ -83,9 +96,12 @@ class _ConvLoRA(ExactMerge, nn.Module):
         **kwargs,
     ) -> None:
         k = check_kernel_size(kernel_size, self.dims)
-        r, p = check_rank(r), check_dropout(lora_dropout)
+        r, p, merge_weights, use_rslora, lora_alpha, lora_dtype = _check_lora_args(
+            r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype
+        )
         super().__init__()
         self.conv = self.conv_cls(in_channels, out_channels, kernel_size, **kwargs)
+        sharing.adopt(self.conv, "weight")  # a fresh W (see fused_lora.sharing)
         self._setup(k, r, lora_alpha, p, merge_weights, use_rslora, lora_dtype)
 
     def _setup(self, k, r, lora_alpha, p, merge_weights, use_rslora, lora_dtype) -> None:
@@ -122,7 +138,10 @@ class _ConvLoRA(ExactMerge, nn.Module):
         if isinstance(conv.weight, UninitializedParameter):
             raise ValueError(f"{type(conv).__name__} has uninitialised (lazy) parameters: run a forward first")
         k = check_kernel_size(conv.kernel_size, cls.dims, f"{type(conv).__name__}.kernel_size")
-        r, p = check_rank(r), check_dropout(lora_dropout)
+        r, p, merge_weights, use_rslora, lora_alpha, lora_dtype = _check_lora_args(
+            r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype
+        )
+        sharing.wrapping(conv, "weight")  # conv stays W's owner, as the layer's child; before `w` is bound
         w = conv.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -153,35 +172,38 @@ class _ConvLoRA(ExactMerge, nn.Module):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def _delta_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 of s·B·A in fp32, in loralib's [out/groups·k, in·k^(d-1)] layout."""
-        return (self.lora_B[r0:r1].float() @ self.lora_A.float()) * self.scaling
-
-    def _merged_rows(self, r0: int, r1: int, w: torch.Tensor) -> torch.Tensor:
-        """round(w + s·B[r0:r1]·A) in w's dtype, for w rows r0:r1 of W in loralib's 2-D layout."""
-        return torch.addmm(w.float(), self.lora_B[r0:r1].float(), self.lora_A.float(), alpha=self.scaling).to(w.dtype)
+        """Rows r0:r1 of s·B·A for merge/unmerge: fp32, multiplied in float64 (the same bits under any
+        autocast / TF32 setting: fused_lora.merging.delta_product), in loralib's [out/groups·k,
+        in·k^(d-1)] layout."""
+        return delta_product(self.lora_B[r0:r1].detach(), self.lora_A.detach(), self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·(B·A).view(W.shape) in fp32, differentiable in A and B."""
-        return self._delta_rows(0, self.lora_B.shape[0]).view(self.conv.weight.shape)
+        """ΔW = s·(B·A).view(W.shape) in fp32 (autocast off), differentiable in A and B."""
+        with no_autocast(self.lora_A.device):
+            return (self.lora_B.float() @ self.lora_A.float()).mul(self.scaling).view(self.conv.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
-        """round(W + ΔW) in W's dtype (what merge() writes), differentiable in A and B."""
+        """round(W + ΔW) in W's dtype, by one fp32 addmm with autocast off (under autocast the convolution
+        then rounds it to the autocast dtype, as nn.Conv does its weight); differentiable in A and B."""
         w = self.conv.weight
-        return self._merged_rows(0, self.lora_B.shape[0], w.reshape(self.lora_B.shape[0], -1)).view(w.shape)
+        with no_autocast(w.device):
+            w2 = w.reshape(self.lora_B.shape[0], -1).float()
+            return (
+                torch.addmm(w2, self.lora_B.float(), self.lora_A.float(), alpha=self.scaling).to(w.dtype).view(w.shape)
+            )
 
     # W lives in the ``conv`` child: the record sits under the layer's own prefix, the load finishes in a
     # post-hook once the child has loaded W (see ExactMerge)
     WEIGHT_KEY = "conv.weight"
 
     def _merge_target(self) -> MergeTarget:
-        """W in loralib's [out/groups·k, in·k^(d-1)] layout, ΔW's rows and round(W + ΔW) by one addmm (the
-        bits the unmerged forward uses)."""
+        """W in loralib's [out/groups·k, in·k^(d-1)] layout and ΔW's rows."""
         w = self.conv.weight
         if is_dtensor(w):
             raise NotImplementedError("merging a sharded (FSDP2) convolution is not supported: merge before sharding")
         rows = self.lora_B.shape[0]
         adapters = (self.lora_A.detach(), self.lora_B.detach())
-        return MergeTarget(w, rows, w.numel() // rows, self._delta_rows, adapters, self._merged_rows)
+        return MergeTarget(w, rows, w.numel() // rows, self._delta_rows, adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv

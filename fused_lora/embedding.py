@@ -32,11 +32,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference_layers
+from . import reference_layers, sharing
 from .backend import interpreting, resolve_backend
 from .distributed import full, is_dtensor, local_block
-from .merging import ExactMerge, MergeRecord, MergeTarget
-from .validation import check_rank, check_scaling
+from .merging import ExactMerge, MergeRecord, MergeTarget, delta_product
+from .validation import (
+    check_alpha,
+    check_embedding_kwargs,
+    check_flag,
+    check_lora_dtype,
+    check_rank,
+    check_scaling,
+    check_table_dtype,
+)
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -271,13 +279,18 @@ class Embedding(ExactMerge, nn.Embedding):
         lora_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> None:
-        r = check_rank(r)
+        r, use_rslora = check_rank(r), check_flag(use_rslora, "use_rslora")
+        lora_alpha, merge_weights = check_alpha(lora_alpha, r, use_rslora), check_flag(merge_weights, "merge_weights")
+        lora_dtype = check_lora_dtype(lora_dtype)
+        check_embedding_kwargs(num_embeddings, embedding_dim, kwargs)
         if r > 0 and kwargs.get("sparse", False):
             raise ValueError(
                 "sparse=True is not supported with r > 0: lora_A's gradient is dense (loralib's Embedding "
                 "fails in backward with sparse=True); use sparse=False, or r=0 for a plain nn.Embedding"
             )
         super().__init__(num_embeddings, embedding_dim, **kwargs)
+        check_table_dtype(self.weight.dtype, lora_dtype)
+        sharing.adopt(self, "weight")  # see fused_lora.sharing
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.merge_weights, self.merged = merge_weights, False
         self._merge_record: MergeRecord | None = None
@@ -322,9 +335,13 @@ class Embedding(ExactMerge, nn.Embedding):
             raise TypeError(f"from_embedding wraps an nn.Embedding, got {type(embedding).__name__}")
         if isinstance(embedding, Embedding):
             raise TypeError("this layer is already a fused_lora.Embedding")
-        r = check_rank(r)
+        r, use_rslora = check_rank(r), check_flag(use_rslora, "use_rslora")
+        lora_alpha, merge_weights = check_alpha(lora_alpha, r, use_rslora), check_flag(merge_weights, "merge_weights")
+        lora_dtype = check_lora_dtype(lora_dtype)
         if r > 0 and embedding.sparse:
             raise ValueError("sparse=True is not supported with r > 0 (lora_A's gradient is dense)")
+        check_table_dtype(embedding.weight.dtype, lora_dtype)
+        sharing.wrapping(embedding, "weight")  # which other modules hold W (tied weights): before `w` is bound
         w = embedding.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -339,6 +356,7 @@ class Embedding(ExactMerge, nn.Embedding):
             layer.lora_A = nn.Parameter(torch.empty(r, w.shape[0], device=w.device, dtype=lora_dtype))
             layer.lora_B = nn.Parameter(torch.empty(w.shape[1], r, device=w.device, dtype=lora_dtype))
             layer.reset_lora_parameters()
+        sharing.replace(embedding, layer)
         return layer
 
     def _merge_target(self) -> MergeTarget:
@@ -347,8 +365,8 @@ class Embedding(ExactMerge, nn.Embedding):
         w, s = self.weight, self.scaling
         local = w.to_local() if is_dtensor(w) else w
         first = local_block(w)[0].start if is_dtensor(w) else 0
-        a, b = A.float(), B.float()
-        delta_rows = lambda v0, v1: (b @ a[:, first + v0 : first + v1]).t() * s
+        a, b = A.double(), B.double()
+        delta_rows = lambda v0, v1: delta_product(a[:, first + v0 : first + v1].t(), b.t(), s)
         return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

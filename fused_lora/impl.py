@@ -5,14 +5,15 @@
     hybrid  a small kernel writes the low-rank term C = mask⊙(L·R) + bias as an [M, N] tensor
             (kernels.low_rank) and cuBLAS finishes: y = addmm(C, x, Wᵀ), dX = addmm(T, dY, W). One
             [M, N] write and read more, traded for cuBLAS's main loop: the safety net where our GEMM
-            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for). C is rounded to
-            the activations' dtype before cuBLAS adds x·Wᵀ: one rounding more than the fused GEMM and
-            the reference make, of the size of the term's own 16-bit rounding. With fp16 activations
-            and fp32 adapters that rounding could overflow (the term beyond 65504 while y, after
-            cancelling with x·Wᵀ, is not), so there C (T) is written in fp32, cuBLAS's fp32-output
-            addmm adds x·Wᵀ and one cast rounds the sum, as the fused GEMM does: twice C's traffic
-            and a cast more, which `auto` weighs when it times the two. bf16 has fp32's range: its
-            16-bit C cannot overflow and stays.
+            loses (small M, shapes our tiles fit badly, GPUs we have not tuned for). With bf16
+            activations C is rounded to bf16 before cuBLAS adds x·Wᵀ: one rounding more than the
+            fused GEMM makes, of the size of the term's own 16-bit rounding (bf16 has fp32's range:
+            that C cannot overflow). With fp16 activations — fp16 or fp32 adapters alike — an fp16 C
+            could overflow where the fused GEMM's fp32 accumulator does not (the term beyond 65504
+            while y, after cancelling with x·Wᵀ, is not), so there C (T) is written in fp32, cuBLAS's
+            fp32-output addmm adds x·Wᵀ and one cast rounds the sum, as the fused GEMM does: the two
+            implementations then give the same finite answer, and `auto`'s choice cannot turn it into
+            inf. Twice C's traffic and a cast more, which `auto` weighs when it times the two.
 
 Both use the same shrink and grad kernels, save the same tensors (x, xa, the seed) and draw the same
 dropout mask, so the choice can differ between forward and backward, and between shapes.
@@ -68,7 +69,7 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
         return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
 
     def hybrid():
-        if _wide(x2.dtype, lora_B.dtype):
+        if _wide(x2.dtype):
             c = k.low_rank(xa, lora_B.t(), out_dtype=torch.float32, bias=bias, groups=groups, x_dtype=x2.dtype)
             return addmm_fp32(c, x2, weight.t()).to(x2.dtype)
         c = k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, bias=bias, groups=groups)
@@ -86,7 +87,7 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
         return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
 
     def hybrid():
-        if _wide(dy2.dtype, lora_A.dtype):
+        if _wide(dy2.dtype):
             t = k.low_rank(g, lora_A, out_dtype=torch.float32, dropout_p=dropout_p, seed=seed, x_dtype=dy2.dtype)
             return addmm_fp32(t, dy2, weight).to(dy2.dtype)
         t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
@@ -97,11 +98,13 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
     return _run(key, fused, hybrid, deterministic, dy2.device)
 
 
-def _wide(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
-    """fp16 activations with fp32 adapters: the low-rank term is fp32 (as the reference / PEFT compute it)
-    and may exceed fp16's range where y does not (cancellation with x·Wᵀ), so C must stay fp32. bf16 has
-    fp32's range: its C cannot overflow, and keeps the cheaper 16-bit C (see the module docstring)."""
-    return x_dtype == torch.float16 and adapter_dtype == torch.float32
+def _wide(x_dtype: torch.dtype) -> bool:
+    """fp16 activations (with fp16 or fp32 adapters): the low-rank term, which the kernels form in fp32
+    (kernels.precision: fp16 adapters never see an fp32 intermediate cast to fp16), may exceed fp16's
+    range where y does not (cancellation with x·Wᵀ), so C must stay fp32, as the fused GEMM's accumulator
+    does. bf16 has fp32's range: its C cannot overflow, and keeps the cheaper 16-bit C (see the module
+    docstring)."""
+    return x_dtype == torch.float16
 
 
 def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

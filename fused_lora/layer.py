@@ -9,14 +9,18 @@ names and shapes (``weight`` [out, in] — [in, out] with fan_in_fan_out —, ``
 kaiming-uniform with a = √5, B zero), frozen ``weight``, and the same merge policy: ``eval()`` merges
 W += s·B·A when ``merge_weights``, ``train()`` unmerges.
 
-Merging computes W + s·B·A in fp32 and rounds once; the round trip is exact (see fused_lora.merging),
-and the record that makes it so travels with the layer: through ``copy.deepcopy``, pickling, and its
-state_dict. A merged layer's state_dict holds the merged W plus two entries, ``unmerge_index`` and
-``unmerge_value``; loading it gives a merged layer that unmerges exactly. ``load_state_dict`` always
-leaves W consistent with the ``merged`` flag: the layer unmerges before loading, takes the state as it
-was saved (merged or not; a state without ``weight`` keeps the base W), then follows its merge policy
-(with ``merge_weights``: merged in eval mode, unmerged in training mode). An unmerged layer's state_dict
-has exactly loralib's keys. (All of it is :class:`fused_lora.merging.ExactMerge`, shared by every layer.)
+Merging adds ΔW = s·B·A to W in fp32 and rounds once (ΔW multiplied in float64 and rounded to fp32, so
+no autocast, TF32 or matmul-precision setting changes a bit of it); the round trip is exact (see
+fused_lora.merging), and the record that makes it so travels with the layer: through ``copy.deepcopy``,
+pickling, and its state_dict. A merged layer's state_dict holds the merged W plus two entries,
+``unmerge_index`` and ``unmerge_value``; loading it gives a merged layer that unmerges exactly.
+``load_state_dict`` always leaves W consistent with the ``merged`` flag: the layer unmerges before
+loading, takes the state as it was saved (merged or not; a state without ``weight`` keeps the base W),
+then follows its merge policy (with ``merge_weights``: merged in eval mode, unmerged in training mode).
+An unmerged layer's state_dict has exactly loralib's keys. (All of it is
+:class:`fused_lora.merging.ExactMerge`, shared by every layer.)
+A weight another module holds too (tied weights) is never merged: ``merge()`` raises, ``eval()`` leaves the
+layer unmerged with a warning (fused_lora.sharing).
 
 Under FSDP2 the parameters are sharded DTensors: ``merge``/``unmerge`` (and so ``eval()``/``train()``
 with ``merge_weights``) gather the small adapters and change each rank's block of W in place. They are
@@ -35,10 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import sharing
 from .distributed import full, is_dtensor, local_block
 from .function import lora_linear
-from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget
-from .validation import check_dropout, check_rank
+from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget, delta_product
+from .validation import check_alpha, check_dropout, check_flag, check_lora_dtype, check_rank
 
 __all__ = ["RECORD_KEYS", "LoRALinear"]
 
@@ -62,9 +67,14 @@ class LoRALinear(ExactMerge, nn.Linear):
         dtype=None,
         lora_dtype: torch.dtype | None = None,
     ) -> None:
-        r = check_rank(r)
-        p = check_dropout(lora_dropout)
+        r, p = check_rank(r), check_dropout(lora_dropout, "lora_dropout")
+        use_rslora = check_flag(use_rslora, "use_rslora")
+        lora_alpha = check_alpha(lora_alpha, r, use_rslora)
+        fan_in_fan_out = check_flag(fan_in_fan_out, "fan_in_fan_out")
+        merge_weights = check_flag(merge_weights, "merge_weights")
+        lora_dtype = check_lora_dtype(lora_dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        sharing.adopt(self, "weight")  # a fresh W: no other module holds it (yet; see fused_lora.sharing)
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.fan_in_fan_out, self.merge_weights, self.merged = fan_in_fan_out, merge_weights, False
         self._merge_record: MergeRecord | None = None  # see merge()
@@ -120,11 +130,15 @@ class LoRALinear(ExactMerge, nn.Linear):
             raise TypeError(f"from_linear wraps an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, LoRALinear):
             raise TypeError("this layer is already a LoRALinear")
+        r, use_rslora = check_rank(r), check_flag(use_rslora, "use_rslora")  # all checked before anything is done
+        lora_alpha, lora_dropout = check_alpha(lora_alpha, r, use_rslora), check_dropout(lora_dropout, "lora_dropout")
+        merge_weights, lora_dtype = check_flag(merge_weights, "merge_weights"), check_lora_dtype(lora_dtype)
         if is_dtensor(linear.weight):
             raise TypeError(
                 "this nn.Linear's weight is a DTensor (sharded, e.g. by fully_shard): add LoRA first "
                 "(inject_lora / load_adapter), then shard the model"
             )
+        sharing.wrapping(linear, "weight")  # which other modules hold W (tied weights): before `w` is bound
         w = linear.weight
         if lora_dtype is None:
             lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -147,6 +161,7 @@ class LoRALinear(ExactMerge, nn.Linear):
             layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=lora_dtype))
             layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=lora_dtype))
             layer.reset_lora_parameters()
+        sharing.replace(linear, layer)
         return layer
 
     def _weight_nk(self) -> torch.Tensor:
@@ -159,17 +174,18 @@ class LoRALinear(ExactMerge, nn.Linear):
 
     def _merge_target(self) -> MergeTarget:
         """W in its stored layout ([in, out] with fan_in_fan_out; this rank's block of it under FSDP2) and
-        the matching rows of ΔW = s·B·A, from the whole (gathered) adapters."""
+        the matching rows of ΔW = s·B·A (fp32, multiplied in float64: fused_lora.merging.delta_product),
+        from the whole (gathered) adapters."""
         A, B = (full(t).detach() for t in self._lora_factors())
         w, s = self.weight, self.scaling
         local = w.to_local() if is_dtensor(w) else w
         rows_slice, cols_slice = local_block(w) if is_dtensor(w) else (slice(None), slice(None))
         if self.fan_in_fan_out:  # stored [in, out]: ΔWᵀ
-            a, b = A[:, rows_slice].float(), B[cols_slice].float()
-            delta_rows = lambda r0, r1: (a[:, r0:r1].t() @ b.t()) * s
+            a, b = A[:, rows_slice].double(), B[cols_slice].double()
+            delta_rows = lambda r0, r1: delta_product(a[:, r0:r1].t(), b.t(), s)
         else:
-            a, b = A[:, cols_slice].float(), B[rows_slice].float()
-            delta_rows = lambda r0, r1: (b[r0:r1] @ a) * s
+            a, b = A[:, cols_slice].double(), B[rows_slice].double()
+            delta_rows = lambda r0, r1: delta_product(b[r0:r1], a, s)
         return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

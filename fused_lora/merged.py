@@ -19,7 +19,6 @@ strictly both ways), initialisation, merge policy, exact merge round trip — is
 
 from __future__ import annotations
 
-import numbers
 import sys
 from collections.abc import Sequence
 
@@ -30,24 +29,27 @@ import torch.nn.functional as F
 from .distributed import full
 from .function import lora_linear
 from .layer import LoRALinear
-from .validation import check_rank
+from .validation import check_alpha, check_flag, check_rank, is_bool
 
 __all__ = ["MergedLinear"]
 
 
-def _is_bool(e) -> bool:
-    """A bool, a 0/1 int, or numpy's bool / 0/1 integers (loralib takes them all)."""
-    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
-    return (isinstance(e, numbers.Integral) and e in (0, 1)) or (np is not None and isinstance(e, np.bool_))
-
-
 def _check_enable_lora(enable_lora, out_features: int) -> tuple[bool, ...]:
+    """A non-empty sequence of bools (bools, 0/1 ints, numpy bools, one-element bool tensors), or a 1-D
+    numpy array / torch tensor of them (loralib indexes with it, so it takes a torch bool tensor too)."""
     np = sys.modules.get("numpy")
     if np is not None and isinstance(enable_lora, np.ndarray) and enable_lora.ndim == 1:
         enable_lora = enable_lora.tolist()
+    if (
+        isinstance(enable_lora, torch.Tensor)
+        and enable_lora.dim() == 1
+        and enable_lora.device.type != "meta"
+        and not (enable_lora.is_floating_point() or enable_lora.is_complex())
+    ):  # bool or integer entries; is_bool below takes 0/1 only
+        enable_lora = enable_lora.tolist()
     if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not len(enable_lora):
         raise TypeError(f"enable_lora must be a non-empty list of bools, got {enable_lora!r}")
-    if not all(map(_is_bool, enable_lora)):
+    if not all(map(is_bool, enable_lora)):
         raise TypeError(f"enable_lora must hold bools, got {list(enable_lora)!r}")
     if out_features % len(enable_lora):
         raise ValueError(
@@ -78,6 +80,7 @@ class MergedLinear(LoRALinear):
         lora_dtype: torch.dtype | None = None,
     ) -> None:
         r = check_rank(r)
+        check_alpha(lora_alpha, r, check_flag(use_rslora, "use_rslora"))  # LoRALinear below sees r = 0
         enable = _check_enable_lora(enable_lora, out_features)
         super().__init__(  # as a plain LoRALinear without adapters; ours have other shapes
             in_features, out_features, 0, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights,

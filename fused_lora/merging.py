@@ -7,8 +7,18 @@ unmerge restore W bit for bit — also after ``copy.deepcopy``, pickling and a s
 ``(rows, cols)`` is the 2-D layout in which a layer defines its delta ([out, in] for a linear layer —
 or W's stored [in, out] with fan_in_fan_out —, [num_embeddings, dim] for an embedding, loralib's
 [out/groups·k, in·k^(d-1)] for a convolution) and ``delta_rows(r0, r1)`` gives fp32 ΔW for rows r0:r1.
-The work runs in row chunks (about 16 M elements each), so the fp32 temporaries stay small even for a
+The work runs in row chunks (about 16 M elements each), so the temporaries stay small even for a
 large vocabulary.
+
+**The arithmetic does not depend on the caller's settings.** ΔW = s·B·A is a matrix product, and torch
+rounds fp32 matrix products differently under ``torch.autocast`` (bf16/fp16 operands), with TF32 allowed
+(``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``, ``torch.set_float32_matmul_precision``)
+and with oneDNN's reduced fp32 precision on CPUs that have it — all process- or thread-wide switches
+that may differ between a merge and its unmerge (``eval()`` inside an autocast region, ``train()``
+outside). So :func:`delta_product` multiplies the factors in float64 — which no autocast or TF32
+setting touches — and rounds the product once to fp32: ΔW's bits are the same under every setting, in
+every thread, and within an ulp of the exact s·B·A (fp32 products are exact in float64). W + ΔW is then
+added in fp32 and rounded once to W's dtype; merge and unmerge run with autocast disabled as well.
 
 Why a record: W_merged − ΔW does not always round back to W (loralib and PEFT drift by an ulp per
 merge/unmerge trip, and a run that toggles eval/train accumulates it). The merge finds the elements that
@@ -29,12 +39,15 @@ with the matching block of ΔW (a collective: the adapters are gathered).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from . import sharing
 from .distributed import is_dtensor, reshard_fsdp_owners
 
 CHUNK_ELEMENTS = 1 << 24
@@ -42,7 +55,22 @@ RECORD_KEYS = ("unmerge_index", "unmerge_value")
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 DeltaRows = Callable[[int, int], torch.Tensor]
-MergedRows = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+def delta_product(b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """fp32 s·b·a for b [m, r] and a [r, n] in float64 (see the module docstring): the product of two
+    fp32 (or 16-bit) values is exact in float64, the sum of r of them is rounded at 2^-53, and one
+    rounding to fp32 follows — the same bits whatever autocast / TF32 / matmul-precision settings are
+    active. Cost: m·n·r float64 multiply-adds, once per merge or unmerge."""
+    with no_autocast(b.device):
+        return torch.mm(b.double(), a.double()).mul_(scaling).to(torch.float32)
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off for `device`'s type (nothing to do for a type autocast lacks)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -93,18 +121,14 @@ def merge_exact(
     cols: int,
     delta_rows: DeltaRows,
     adapters: tuple[torch.Tensor, ...],
-    merged_rows: MergedRows | None = None,
 ) -> MergeRecord:
-    """W ← round(W + ΔW) in place (fp32 arithmetic, one rounding); returns the record to undo it.
-
-    `merged_rows(r0, r1, w)`, if given, forms round(w + ΔW) for those rows itself (e.g. with one fused
-    addmm, to give the very bits a layer's unmerged forward uses); the record is the same either way."""
+    """W ← round(W + ΔW) in place (ΔW fp32, added in fp32, one rounding); returns the record to undo it."""
     work = _Work(weight, rows, cols)
     index, value, merged_at = [], [], []
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
         d = delta_rows(r0, r1)
-        merged = merged_rows(r0, r1, w) if merged_rows is not None else (w.float() + d).to(w.dtype)
+        merged = (w.float() + d).to(w.dtype)
         lost = (_bits((merged.float() - d).to(w.dtype)) != _bits(w)).flatten().nonzero().squeeze(1)
         index.append(lost + r0 * cols)
         value.append(w.flatten()[lost].clone())
@@ -163,14 +187,14 @@ def record_from_state(
 
 class MergeTarget(NamedTuple):
     """What a layer's merge changes and how: `weight` (in place: W, or this rank's block of it under
-    FSDP2) seen as [rows, cols], ΔW's rows in that layout, the whole adapters, optionally round(W + ΔW)."""
+    FSDP2) seen as [rows, cols], ΔW's rows in that layout (fp32, from :func:`delta_product`), the whole
+    adapters."""
 
     weight: torch.Tensor
     rows: int
     cols: int
     delta_rows: DeltaRows
     adapters: tuple[torch.Tensor, ...]
-    merged_rows: MergedRows | None = None
 
 
 class ExactMerge:
@@ -193,29 +217,68 @@ class ExactMerge:
         raise NotImplementedError
 
     def merge(self) -> None:
-        """W += ΔW (fp32 arithmetic, one rounding); the layer then runs as its plain base layer."""
+        """W += ΔW (ΔW and the sum in fp32 under any autocast / TF32 setting, one rounding to W's dtype);
+        the layer then runs as its plain base layer. A ValueError if another module holds W too (tied
+        weights: the merge would change that module's output; see fused_lora.sharing)."""
         if not self._has_lora() or self.merged:
             return
         reshard_fsdp_owners(self)
-        t = self._merge_target()
-        self._merge_record = merge_exact(t.weight, t.rows, t.cols, t.delta_rows, t.adapters, t.merged_rows)
+        others = self._shared_with()
+        if others:
+            raise ValueError(
+                f"{type(self).__name__}.merge(): this layer's weight is also held by {sharing.describe(others)} "
+                "(tied weights), and merging ΔW into it would change that module's output too. Keep the layer "
+                "unmerged (merge_weights=False), or untie the weights first (e.g. give one module a clone)"
+            )
+        with no_autocast(self._base_weight().device):
+            t = self._merge_target()
+            self._merge_record = merge_exact(t.weight, t.rows, t.cols, t.delta_rows, t.adapters)
         self.merged = True
+
+    def _merge_by_policy(self) -> None:
+        """The merge that ``merge_weights`` asks for (eval(), a load in eval mode): as :meth:`merge`, but a
+        shared (tied) W is left unmerged with a warning — the layer's output stays right, unmerged."""
+        if not self._has_lora() or self.merged:
+            return
+        reshard_fsdp_owners(self)
+        others = self._shared_with()
+        if others:
+            warnings.warn(
+                f"{type(self).__name__} was not merged (merge_weights=True): its weight is also held by "
+                f"{sharing.describe(others)} (tied weights), and merging ΔW into it would change that module's "
+                "output too. The layer runs unmerged, which computes the same; pass merge_weights=False to "
+                "silence this",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self.merge()
 
     def unmerge(self) -> None:
         """W -= ΔW, undoing :meth:`merge` exactly (unless the adapters changed in between)."""
         if not self._has_lora() or not self.merged:
             return
         reshard_fsdp_owners(self)
-        t = self._merge_target()
         record, self._merge_record = self._merge_record, None
-        unmerge_exact(t.weight, t.rows, t.cols, t.delta_rows, record, t.adapters)
+        with no_autocast(self._base_weight().device):
+            t = self._merge_target()
+            unmerge_exact(t.weight, t.rows, t.cols, t.delta_rows, record, t.adapters)
         self.merged = False
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.merge_weights:
-            self.unmerge() if mode else self.merge()
+            self.unmerge() if mode else self._merge_by_policy()
         return self
+
+    def _weight_owner(self) -> tuple[torch.nn.Module, str]:
+        """(the module whose parameter W is, its name there): the layer itself, or its ``conv`` child."""
+        prefix, _, name = self.WEIGHT_KEY.rpartition(".")
+        return (self.get_submodule(prefix) if prefix else self), name
+
+    def _shared_with(self) -> list[torch.nn.Module]:
+        """The other modules that hold W (tied weights), by fused_lora.sharing's account."""
+        return sharing.other_holders(*self._weight_owner())
 
     def _base_weight(self) -> torch.Tensor:
         return self.get_parameter(self.WEIGHT_KEY)
@@ -283,6 +346,6 @@ class ExactMerge:
                 return
             self.merged = True
         elif not has_weight and was_merged:
-            self.merge()  # adapters only: the base W stays, merged with the adapters as they are now
+            self._merge_by_policy()  # adapters only: the base W stays, merged with the adapters as they are now
         if self.merge_weights:
-            self.merge() if not self.training else self.unmerge()
+            self._merge_by_policy() if not self.training else self.unmerge()

@@ -105,5 +105,6 @@ def lora_linear_grads(
 
 
 def merge_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s·B·A [N, K] in fp32: what merging adds to W (and unmerging takes away)."""
-    return (lora_B.float() @ lora_A.float()) * scaling
+    """s·B·A [N, K] in fp32: what merging adds to W (and unmerging takes away) — multiplied in float64
+    and rounded once to fp32, so no autocast / TF32 setting changes it (fused_lora.merging)."""
+    return (lora_B.detach().double() @ lora_A.detach().double()).mul_(scaling).float()

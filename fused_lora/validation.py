@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import sys
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -42,27 +43,91 @@ def _brief(v) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
-def check_dropout(dropout_p) -> float:
+def check_dropout(dropout_p, name: str = "dropout_p") -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
+        raise TypeError(f"{name} must be a real number in [0, 1), got {_brief(dropout_p)}")
     try:
         p = float(dropout_p)
     except OverflowError:  # an int beyond float's range
-        raise ValueError(f"dropout_p must be in [0, 1), got {_brief(dropout_p)}") from None
+        raise ValueError(f"{name} must be in [0, 1), got {_brief(dropout_p)}") from None
     if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p!r}")
     return p
 
 
+def _integer_value(v):
+    """A one-element integer torch tensor's value (loralib's arithmetic takes such a tensor as an int);
+    anything else unchanged."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type != "meta" and v.dtype in _INT_DTYPES:
+        return int(v.item())
+    return v
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def check_rank(r) -> int:
+    """r: an int >= 0 (numpy integers and one-element integer tensors too, as loralib takes them)."""
+    r = _integer_value(r)
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be an int, got {r!r}")
+        raise TypeError(f"r must be an int, got {_brief(r)}")
     if r < 0:
         raise ValueError(f"r must be >= 0 (0 means no adapter), got {r}")
     return int(r)
 
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_alpha(lora_alpha, r: int = 0, use_rslora: bool = False) -> int | float:
+    """lora_alpha: a finite real number (an int stays an int; numpy scalars and one-element tensors are
+    read as numbers, as loralib's arithmetic takes them), whose scaling lora_alpha / r (/ √r with rsLoRA)
+    is within float32's range when r > 0. loralib fails at construction on a string or None (computing
+    the scaling); here every bad value fails at construction, r = 0 too."""
+    v = lora_alpha
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex():
+        if v.requires_grad or v.device.type == "meta":
+            raise TypeError("lora_alpha must be a number: a tensor that requires grad (or a meta tensor) is not one")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"lora_alpha must be a real number (int or float), got {_brief(lora_alpha)}")
+    v = int(v) if isinstance(v, numbers.Integral) else float(v)
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"lora_alpha must be finite and within float32's range, got {_brief(lora_alpha)}")
+    if r > 0 and abs(v / (math.sqrt(r) if use_rslora else r)) > FP32_MAX:
+        raise ValueError(
+            f"lora_alpha = {_brief(lora_alpha)} with r = {r} gives a scaling beyond float32's range "
+            f"(|scaling| <= {FP32_MAX:.4g})"
+        )
+    return v
+
+
+def is_bool(v) -> bool:
+    """A bool, a 0/1 int, numpy's bool / 0/1 integers, or a one-element torch bool tensor (loralib takes
+    them all where it wants a flag)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and v.dtype == torch.bool and v.device.type != "meta"
+    np = sys.modules.get("numpy")  # a numpy value exists only once numpy is imported
+    return (isinstance(v, numbers.Integral) and v in (0, 1)) or (np is not None and isinstance(v, np.bool_))
+
+
+def check_flag(value, name: str) -> bool:
+    """A yes/no argument (see :func:`is_bool`); a TypeError otherwise — a string such as "False" would
+    read as true."""
+    if not is_bool(value):
+        raise TypeError(f"{name} must be a bool, got {_brief(value)}")
+    return bool(value)
+
+
+def check_lora_dtype(lora_dtype) -> torch.dtype | None:
+    """None, or a floating-point torch.dtype for the adapters."""
+    if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point):
+        raise TypeError(f"lora_dtype must be None or a floating-point torch.dtype, got {_brief(lora_dtype)}")
+    return lora_dtype
 
 
 def check_scaling(scaling) -> float:
@@ -239,3 +304,61 @@ def check_kernel_dtypes(x: torch.Tensor) -> None:
         raise TypeError(
             f"the triton backend supports {KERNEL_DTYPES}, got x in {x.dtype}; use the 'reference' backend for float64"
         )
+
+
+# nn.Embedding's keyword arguments (fused_lora.Embedding passes them on)
+NN_EMBEDDING_KWARGS = (
+    "padding_idx",
+    "max_norm",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+    "_weight",
+    "_freeze",
+    "device",
+    "dtype",
+)
+
+
+def check_embedding_kwargs(num_embeddings: int, embedding_dim: int, kwargs: dict) -> None:
+    """fused_lora.Embedding's nn.Embedding keywords: what nn.Embedding would reject with a bare error (an
+    unknown keyword, an assert on padding_idx or `_weight`'s shape) as a TypeError / ValueError that
+    names the argument."""
+    unknown = [k for k in kwargs if k not in NN_EMBEDDING_KWARGS]
+    if unknown:
+        why = {
+            "lora_dropout": "embeddings apply no dropout (loralib's and PEFT's neither)",
+            "fan_in_fan_out": "the table is always [num_embeddings, embedding_dim]",
+        }
+        notes = "; ".join(f"{k}: {why[k]}" for k in unknown if k in why)
+        raise TypeError(
+            f"Embedding got unexpected keyword argument(s) {unknown}"
+            + (f" ({notes})" if notes else "")
+            + "; it takes r, lora_alpha, merge_weights, use_rslora, lora_dtype and nn.Embedding's "
+            + str(list(NN_EMBEDDING_KWARGS))
+        )
+    pad = kwargs.get("padding_idx")
+    if pad is not None:
+        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral):
+            raise TypeError(f"padding_idx must be an int or None, got {pad!r}")
+        if not -num_embeddings <= pad < num_embeddings:
+            raise ValueError(
+                f"padding_idx {pad} is outside [-{num_embeddings}, {num_embeddings}) (num_embeddings = "
+                f"{num_embeddings}; a negative index counts from the end)"
+            )
+    weight = kwargs.get("_weight")
+    if weight is not None and (
+        not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (num_embeddings, embedding_dim)
+    ):
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(
+            f"_weight must be a [num_embeddings, embedding_dim] = [{num_embeddings}, {embedding_dim}] tensor, got {got}"
+        )
+
+
+def check_table_dtype(table: torch.dtype, lora_dtype: torch.dtype | None) -> None:
+    """The lookup takes adapters in the table's dtype or fp32 (fused_lora.embedding._check_tables): say so
+    at construction rather than at the first forward."""
+    if lora_dtype is not None and lora_dtype not in (table, torch.float32):
+        allowed = str(table) if table == torch.float32 else f"{table} or torch.float32"
+        raise TypeError(f"lora_dtype is {lora_dtype}; with a {table} table the adapters must be {allowed}")

@@ -139,8 +139,7 @@ class TiedLM(nn.Module):
 @pytest.mark.parametrize("targets", [["emb"], ["emb", "head"]])
 def test_tied_weights_are_not_merged(targets, device):
     """Merging ΔW into a weight another module holds too would change that module: merge_lora and
-    inject_lora(merge_weights=True) refuse, before anything changes. unmerge_lora undoes merges in reverse
-    order, so even layers merged one by one on the shared W come back bit for bit."""
+    inject_lora(merge_weights=True) refuse, before anything changes, and so does each layer's own merge()."""
     model = TiedLM(device)
     w0 = model.emb.weight.detach().clone()
     with pytest.raises(ValueError, match=r"inject_lora\(merge_weights=True\): .*emb: held by emb, head"):
@@ -152,10 +151,11 @@ def test_tied_weights_are_not_merged(targets, device):
     with pytest.raises(ValueError, match=r"merge_lora: .*tied weights"):
         fused_lora.merge_lora(model)
     assert not any(m.merged for _, m in lora_layers(model)) and torch.equal(model.emb.weight, w0)
-    for _, layer in lora_layers(model):  # merged by hand, in order
-        layer.merge()
+    for _, layer in lora_layers(model):  # by hand: refused too
+        with pytest.raises(ValueError, match=r"merge\(\): this layer's weight is also held by .*tied weights"):
+            layer.merge()
     assert fused_lora.unmerge_lora(model) == len(targets)
-    assert torch.equal(model.emb.weight, w0)
+    assert not any(m.merged for _, m in lora_layers(model)) and torch.equal(model.emb.weight, w0)
 
 
 def peft_net(r=3, alpha=5, **cfg):

@@ -67,7 +67,7 @@ def test_layer_arguments():
         fused_lora.LoRALinear(4, 4, r=-1)
     with pytest.raises(TypeError, match="r must be an int"):
         fused_lora.LoRALinear(4, 4, r=2.5)
-    with pytest.raises(ValueError, match="dropout_p must be in"):
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
         fused_lora.LoRALinear(4, 4, lora_dropout=1.0)
     layer = fused_lora.LoRALinear(10, 4, r=2)
     with pytest.raises(ValueError, match="last dimension is 9"):

@@ -16,10 +16,20 @@ form a PEFT adapter loads into; each direction reproduces the other's delta, and
 loads back with the rank it was saved from. Only convolutions PEFT adapts the same way are converted:
 groups = 1, dilation 1, padding_mode "zeros" (PEFT's lora_A convolution ignores the others); anything
 else is a ValueError. Per-module ranks and alphas go through ``rank_pattern`` / ``alpha_pattern``, alphas
-converted so that every module keeps its scaling under the config's one ``use_rslora``.
+converted so that every module keeps its scaling under the config's one ``use_rslora``; each key names one
+module (``^`` + its escaped name: see ``adapter_config``; PEFT ≥ 0.15 reads it), and ``target_modules``
+selects exactly the adapted modules under PEFT's rules (leaf names, else full names, else one regular
+expression).
 
-Distributed: a DDP-wrapped model is unwrapped (its ``module.`` prefix is not part of the names), and only
-rank 0 writes files (calling ``save_adapter`` on every rank or on rank 0 alone both work). Under FSDP2 the
+Loading: the config is checked (``adapter_config``: anything with which PEFT would compute something
+else is refused), then every tensor, name, shape, rank and module, then every new layer is built, and only
+then does the model change — and should that still fail, it is put back as it was. New layers' adapters
+take the dtype ``inject_lora`` gives them (fp32 on a 16-bit weight, else the weight's: as PEFT's
+``from_pretrained`` does), whatever the file's; a LoRA layer already there keeps its own.
+
+Wrappers: a DDP- or torch.compile-wrapped model is unwrapped (``module.`` and ``_orig_mod.`` are no part
+of the names, also for a compiled block inside the model; see ``module_tree``). Distributed: only rank 0
+writes files (calling ``save_adapter`` on every rank or on rank 0 alone both work). Under FSDP2 the
 adapters are gathered, so ``save_adapter`` is a collective there: every rank calls it, rank 0 writes, and
 every rank returns once the files exist. ``load_adapter`` reads the files on every rank and copies each
 rank's block into the sharded adapters (inject LoRA before ``fully_shard``).
@@ -38,17 +48,16 @@ import torch
 import torch.nn as nn
 
 from ..conv import _ConvLoRA, check_kernel_size
-from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all, unwrap
+from ..distributed import barrier, copy_full_into, full, is_sharded, is_writer, reshard_all
 from ..embedding import Embedding
 from ..merged import MergedLinear
-from ..validation import check_dropout
-from .inject import find_targets, lora_layers, mark_only_lora_as_trainable, replace_module, wrap_module
+from .adapter_config import CONFIG_NAME, AdapterConfig, pattern_key, read_config
+from .inject import LORA_LAYERS, check_target, lora_layers, mark_only_lora_as_trainable, wrap_module
+from .module_tree import all_or_nothing, get_module, named_modules, unwrap
 from .peft_conv import conv_from_peft, conv_to_peft
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-UNSUPPORTED = {"use_dora": True, "lora_bias": True}
 _KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.(?:lora_([AB])\.weight|lora_embedding_([AB]))")
 
 
@@ -115,18 +124,39 @@ def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in lora_layers(model) if m._has_lora()}
 
 
-def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Leaf names (["q_proj", "v_proj"]) when they select exactly `names` (no other module of the model,
-    outside our layers, has one of those names), else the full names."""
+def _base_names(model: nn.Module) -> list[str]:
+    """The module names of the plain model PEFT would load the file into: ours, less what lives inside
+    our LoRA layers (a convolution's ``.conv``, a dropout)."""
+    named = list(named_modules(model))
+    inside = tuple(n + "." for n, m in named if isinstance(m, LORA_LAYERS))
+    return [n for n, _ in named if n and not n.startswith(inside)]
+
+
+def _peft_selects(targets, names: list[str]) -> set[str]:
+    """The names PEFT's target_modules rule selects: a string is matched whole as a regular expression, a
+    list entry matches a name equal to it or ending in "." + it."""
+    if isinstance(targets, str):
+        return {n for n in names if re.fullmatch(targets, n)}
+    return {n for n in names if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def _target_modules(base: list[str], names: list[str]) -> list[str] | str:
+    """target_modules that make PEFT adapt exactly `names`: their leaf names (["q_proj", "v_proj"]) when
+    those select no other module, else the full names, else (a name that ends another one, as "fc" and
+    "head.fc", or "0" and "1.0") one regular expression of the escaped full names."""
+    wanted = set(names)
     leaves = sorted({n.split(".")[-1] for n in names})
-    inside = tuple(n + "." for n in names)
-    selected = {n for n, _ in model.named_modules() if n.split(".")[-1] in leaves and not n.startswith(inside)}
-    return leaves if selected == set(names) else sorted(names)
+    if _peft_selects(leaves, base) == wanted:
+        return leaves
+    if _peft_selects(sorted(names), base) == wanted:
+        return sorted(names)
+    return "|".join(re.escape(n) for n in sorted(names))
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's LoRA layers (LoRALinear, Embedding, Conv1d/2d/3d) as a PEFT LoRA adapter;
-    returns the directory. Checked before anything is written.
+    """Write the model's LoRA layers (LoRALinear, MergedLinear, Embedding, Conv1d/2d/3d) as a PEFT LoRA
+    adapter; returns the directory. Checked before anything is written. `model` may be wrapped by DDP or
+    torch.compile: the names are the plain model's.
 
     Collective under FSDP2 (every rank calls; rank 0 writes); elsewhere only rank 0 writes."""
     from safetensors.torch import save_file
@@ -146,6 +176,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     alphas = {n: rescale_alpha(m.lora_alpha, m.r, m.use_rslora, ranks[n], rslora) for n, m in layers.items()}
     r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
     dropouts = [e[2] for e in exported.values() if e[2] is not None]
+    base = _base_names(model)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -153,9 +184,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": _most_common(dropouts) if dropouts else 0.0,
-        "target_modules": _target_modules(model, list(layers)),
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "target_modules": _target_modules(base, list(layers)),
+        "rank_pattern": {pattern_key(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {pattern_key(n): v for n, v in alphas.items() if v != alpha},
         "use_rslora": rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -178,31 +209,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return out
 
 
-def _pattern(patterns: dict, name: str, default):
-    """PEFT's rule: a key matches a module whose name ends with it (after a dot, or whole)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    if not weights_path.is_file():
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
         raise FileNotFoundError(
             f"no {WEIGHTS_NAME} in {directory} (adapter_model.bin is not read: re-save it with safetensors)"
         )
-    config = json.loads(cfg_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters load here")
-    for key, bad in UNSUPPORTED.items():
-        if config.get(key) == bad:
-            raise ValueError(f"{cfg_path}: {key}={bad} is not supported by fused_lora's layers")
-    return config, load_file(str(weights_path))
+    return load_file(str(path))
 
 
 def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[bool, torch.Tensor, torch.Tensor]]:
@@ -217,10 +232,19 @@ def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[bool, to
             kind = "E" if m.group(3) else ""
             pairs.setdefault(m.group(1), {})[kind + (m.group(2) or m.group(3))] = t
     if unknown:
-        raise ValueError(f"the adapter file has entries fused_lora's layers cannot hold: {unknown[:8]}")
+        raise ValueError(
+            f"the adapter file has entries fused_lora's layers cannot hold (modules_to_save, biases, whole "
+            f"embedding layers, trainable tokens, another PEFT method's?): {unknown[:8]}"
+        )
     broken = [n for n, p in pairs.items() if set(p) not in ({"A", "B"}, {"EA", "EB"})]
     if broken:
         raise ValueError(f"the adapter file lacks lora_A or lora_B (or mixes them with lora_embedding_*) for {broken}")
+    not_float = [f"{n} ({t.dtype})" for n, p in pairs.items() for t in p.values() if not t.is_floating_point()]
+    if not_float:
+        raise ValueError(f"the adapter file's tensors must be floating point: {not_float[:8]}")
+    empty = [n for n, p in pairs.items() if min(p.get("A", p.get("EA")).shape[:1], default=0) < 1]
+    if empty:
+        raise ValueError(f"the adapter file has adapters of rank 0 for {empty[:8]}")
     return {n: ("EA" in p, p.get("A", p.get("EA")), p.get("B", p.get("EB"))) for n, p in pairs.items()}
 
 
@@ -252,60 +276,103 @@ def _import(name: str, module: nn.Module, embedding: bool, a: torch.Tensor, b: t
     return a2, b2, a2.shape[0] // k
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load a PEFT LoRA adapter into a plain model: the named layers (nn.Linear, nn.Embedding,
-    nn.Conv1d/2d/3d) become fused_lora's LoRA layers (unless they already are, with matching ranks) and
-    get the file's adapters and scaling (lora_alpha, alpha_pattern, use_rslora) — also layers that were
-    LoRA layers already, so the model computes what PEFT computes with this file. New layers take the
-    file's lora_dropout; layers that were LoRA layers keep their own (a training setting, per layer, that
-    the file's single value cannot express). Returns the module names.
-
-    Everything is checked before anything changes: a wrong file leaves the model as it was."""
-    model = unwrap(model)
-    config, state = _read(Path(directory))
-    adapters = _adapter_modules(state)
-    existing = _adapted_layers(model)
-    names = sorted(adapters)
+def _check_model(model: nn.Module, names: list[str], existing: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """{name: module the file's adapter goes into}: the model's LoRA layers if it has any (then exactly the
+    file's), else its plain layers of those names (each one a layer LoRA can wrap)."""
     if existing:
         missing = [n for n in names if n not in existing]
-        extra = [n for n in existing if n not in adapters]
+        extra = [n for n in existing if n not in names]
         if missing or extra:
             raise ValueError(
                 f"the model's LoRA layers do not match the adapter: not in the model "
                 f"{missing[:8]}, not in the file {extra[:8]}"
             )
-    else:
-        find_targets(model, names)  # every name exists and is a layer we adapt, or a clear error
-    loaded = {}
+        return {n: existing[n] for n in names}
+    named = dict(named_modules(model))
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"the adapter file names modules the model does not have: {missing[:8]}")
     for n in names:
-        embedding, a, b = adapters[n]
-        loaded[n] = _import(n, existing.get(n) or model.get_submodule(n), embedding, a, b)
+        check_target(n, named[n], "is named by the adapter file")
+    return {n: named[n] for n in names}
+
+
+def _checked_ranks(config: AdapterConfig, adapters: dict, loaded: dict, existing: dict) -> None:
+    for n, (_, a, _) in adapters.items():
+        if config.rank(n) != a.shape[0]:
+            raise ValueError(
+                f"{n}: the file's adapter has rank {a.shape[0]}, its config gives this module r={config.rank(n)} "
+                "(r / rank_pattern): PEFT refuses such a file, and the scaling it means is not clear"
+            )
         if existing and existing[n].r != loaded[n][2]:
             raise ValueError(f"{n}: the file's adapter has rank {loaded[n][2]} here, the layer r={existing[n].r}")
-    rslora = bool(config.get("use_rslora"))
-    dropout = check_dropout(config.get("lora_dropout", 0.0))
+
+
+def _keep(change, layer: nn.Module) -> None:
+    """Register the undo of load_adapter's change to a LoRA layer that was already there."""
+    alpha, rslora, merged = layer.lora_alpha, layer.use_rslora, layer.merged
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+
+    def undo():
+        if layer.merged:
+            layer.unmerge()
+        layer.lora_alpha, layer.use_rslora = alpha, rslora
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        if merged:
+            layer.merge()
+
+    change.on_undo(undo)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+    """Load a PEFT LoRA adapter into a plain model: the named layers (nn.Linear, nn.Embedding,
+    nn.Conv1d/2d/3d) become fused_lora's LoRA layers (unless they already are, with matching ranks) and
+    get the file's adapters and scaling (lora_alpha, alpha_pattern, use_rslora) — also layers that were
+    LoRA layers already, so the model computes what PEFT computes with this file. New layers take the
+    file's lora_dropout, and the adapter dtype ``inject_lora`` gives (fp32 on a 16-bit weight, else the
+    weight's); layers that were LoRA layers keep their own dropout (a training setting, per layer, that the
+    file's single value cannot express) and dtype. `model` may be wrapped by DDP or torch.compile.
+    Returns the module names.
+
+    Everything is checked before anything changes, and anything that still fails puts the model back as it
+    was: a wrong file leaves the model as it was (modules, parameters, requires_grad flags, merges)."""
+    model = unwrap(model)
+    directory = Path(directory)
+    config = read_config(directory / CONFIG_NAME)
+    adapters = _adapter_modules(_read_weights(directory))
+    existing = _adapted_layers(model)
+    names = sorted(adapters)
+    modules = _check_model(model, names, existing)
+    loaded = {n: _import(n, modules[n], *adapters[n]) for n in names}
+    _checked_ranks(config, adapters, loaded, existing)
+    rslora = config.use_rslora
     alphas = {}  # each module's lora_alpha at our rank: the file's scaling, whatever the rank conversion
     for n in names:
-        r_file = adapters[n][1].shape[0]  # PEFT's rank for this module (its rank_pattern says the same)
-        alpha = _pattern(config.get("alpha_pattern"), n, config.get("lora_alpha", 8))
-        alphas[n] = rescale_alpha(alpha, r_file, rslora, loaded[n][2], rslora)
+        r_file = adapters[n][1].shape[0]  # PEFT's rank for this module
+        alphas[n] = rescale_alpha(config.alpha(n), r_file, rslora, loaded[n][2], rslora)
 
-    if not existing:
+    with all_or_nothing(model) as change:
+        if not existing:
+            new = {
+                n: wrap_module(modules[n], loaded[n][2], alphas[n], config.lora_dropout, use_rslora=rslora,
+                               merge_weights=False)
+                for n in names
+            }  # fmt: skip
+            for n, layer in new.items():
+                change.replace(n, layer)
+            mark_only_lora_as_trainable(model)
         for n in names:
-            layer = wrap_module(
-                model.get_submodule(n), loaded[n][2], alphas[n], dropout, use_rslora=rslora, merge_weights=False,
-                lora_dtype=loaded[n][0].dtype,
-            )  # fmt: skip
-            replace_module(model, n, layer)
-        mark_only_lora_as_trainable(model)
-    for n in names:
-        layer = model.get_submodule(n)
-        a, b, _ = loaded[n]
-        was_merged = layer.merged
-        layer.unmerge()  # W's merge follows the adapters it holds, at the file's scaling
-        layer.lora_alpha, layer.use_rslora = alphas[n], rslora  # the file's scaling: what y depends on
-        copy_full_into(layer.lora_A, a)
-        copy_full_into(layer.lora_B, b)
-        if was_merged:
-            layer.merge()
+            layer = get_module(model, n)
+            if existing:
+                _keep(change, layer)
+            a, b, _ = loaded[n]
+            was_merged = layer.merged
+            layer.unmerge()  # W's merge follows the adapters it holds, at the file's scaling
+            layer.lora_alpha, layer.use_rslora = alphas[n], rslora  # the file's scaling: what y depends on
+            copy_full_into(layer.lora_A, a)
+            copy_full_into(layer.lora_B, b)
+            if was_merged:
+                layer.merge()
     return names

@@ -14,22 +14,32 @@ by default (``eval()`` does not merge; :func:`merge_lora` does, on request).
 a list matches names equal to an entry or ending in "." + entry; "all-linear" takes every nn.Linear but
 the model's output layer. Embeddings get no dropout (loralib's and PEFT's have none); an embedding or
 convolution subclass with its own forward (e.g. a scaled embedding) is refused, since the LoRA layer
-would not reproduce it.
+would not reproduce it. Names are the plain model's: DDP's and torch.compile's wrappers are looked
+through (``module_tree``), so a compiled model takes the same targets, and reports the same names, as the
+model it wraps.
+
+Everything is checked, and every LoRA layer built, before the model changes; should anything still fail,
+the model is put back as it was (``module_tree.all_or_nothing``).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from ..conv import Conv1d, Conv2d, Conv3d, _ConvLoRA
-from ..distributed import full, reshard_all
+from ..distributed import full, is_dtensor, reshard_all
 from ..embedding import Embedding
 from ..layer import LoRALinear
+from ..validation import check_dropout, check_rank
+from .module_tree import all_or_nothing, get_module, named_modules, unwrap
 
 BIAS_MODES = ("none", "all", "lora_only")
 LORA_LAYERS = (LoRALinear, Embedding, _ConvLoRA)
@@ -92,17 +102,43 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     out = set()
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if (head is not None and module is head) or name.split(".")[-1] in ("lm_head", "score", "classifier"):
             out.add(name)
     return out
+
+
+def check_target(name: str, module: nn.Module, why: str = "") -> None:
+    """A ValueError / TypeError, naming `name` (and `why` it is a target), unless a LoRA layer can replace
+    `module` as it is."""
+    if isinstance(module, LORA_LAYERS):
+        raise ValueError(f"{name} is already a {type(module).__name__}: this model has LoRA injected already")
+    if lora_class(module) is None:
+        own = " with its own forward" if isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else ""
+        raise TypeError(f"{name}{why and f' {why} but'} is a {type(module).__name__}{own}, not {ADAPTABLE}")
+    if parametrize.is_parametrized(module):
+        raise ValueError(
+            f"{name} is parametrized ({', '.join(module.parametrizations)}: weight_norm, orthogonal, ...): its "
+            "weight is computed on every call, so a LoRA layer cannot share it; remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    weight = module.weight
+    if isinstance(weight, UninitializedParameter):
+        raise ValueError(f"{name} ({type(module).__name__}) has uninitialised (lazy) parameters: run a forward first")
+    if is_dtensor(weight):
+        raise TypeError(
+            f"{name}'s weight is a DTensor (sharded, e.g. by fully_shard): add LoRA first (inject_lora / "
+            "load_adapter), then shard the model"
+        )
+    if isinstance(module, nn.Embedding) and module.sparse:
+        raise ValueError(f"{name}: an nn.Embedding with sparse=True is not supported (lora_A's gradient is dense)")
 
 
 def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
     """Names of the modules `target_modules` selects (checked, but nothing is changed)."""
     if target_modules is None or (not isinstance(target_modules, str) and not list(target_modules)):
         raise ValueError("target_modules is empty: name modules, suffixes, a regex, or 'all-linear'")
-    named = dict(model.named_modules())
+    named = dict(named_modules(model))
     if target_modules == "all-linear":
         heads = _output_layer_names(model)
         chosen = [
@@ -125,29 +161,40 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} matches no module; available: {_module_listing(model)}")
     for n in chosen:
-        m = named[n]
-        if isinstance(m, LORA_LAYERS):
-            raise ValueError(f"{n} is already a {type(m).__name__}: this model has LoRA injected already")
-        if lora_class(m) is None:
-            own = " with its own forward" if isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else ""
-            raise TypeError(f"{n} matches target_modules but is a {type(m).__name__}{own}, not {ADAPTABLE}")
-        if parametrize.is_parametrized(m):
-            raise ValueError(
-                f"{n} is parametrized ({', '.join(m.parametrizations)}: weight_norm, orthogonal, ...): its weight "
-                "is computed on every call, so a LoRA layer cannot share it; remove the parametrization first "
-                "(torch.nn.utils.parametrize.remove_parametrizations)"
-            )
+        check_target(n, named[n], "matches target_modules")
     return chosen
 
 
 def _module_listing(model: nn.Module, limit: int = 40) -> str:
     """Distinct leaf-name suffixes of the model's nn.Linear layers, of its other adaptable layers
     (embeddings, convolutions) and of a few other modules."""
-    named = [(n.split(".")[-1], m) for n, m in model.named_modules() if n]
+    named = [(n.split(".")[-1], m) for n, m in named_modules(model) if n]
     linear = sorted({n for n, m in named if isinstance(m, nn.Linear)})
     other = sorted({n for n, m in named if lora_class(m) is not None} - set(linear))
     rest = sorted({n for n, _ in named} - set(linear) - set(other))
     return f"nn.Linear: {linear[:limit]}; nn.Embedding / nn.ConvNd: {other[:limit]}; other modules: {rest[:limit]}"
+
+
+def check_alpha(lora_alpha, what: str = "lora_alpha") -> float:
+    """`lora_alpha` as given, if it is a finite real number (not a bool); else a TypeError / ValueError."""
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {lora_alpha!r}")
+    try:
+        finite = math.isfinite(lora_alpha)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"{what} must be finite, got {lora_alpha!r}")
+    return lora_alpha
+
+
+def check_lora_settings(r, lora_alpha, lora_dropout, use_rslora) -> None:
+    """The settings every new LoRA layer takes, checked before any is built."""
+    check_rank(r)
+    check_alpha(lora_alpha)
+    check_dropout(lora_dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
 
 
 def inject_lora(
@@ -163,33 +210,29 @@ def inject_lora(
 ) -> InjectReport:
     """Replace the selected layers of `model`, in place, by LoRA layers that share their weights (no copy)
     — nn.Linear by LoRALinear, nn.Embedding by Embedding, nn.Conv1d/2d/3d by Conv1d/2d/3d —, freeze
-    every parameter that is not an adapter, and report what was done.
+    every parameter that is not an adapter, and report what was done. `model` may be wrapped by DDP or
+    torch.compile; names are the plain model's.
 
     All targets are checked (and their LoRA layers built) before any is replaced: an error leaves the
-    model as it was."""
-    if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
+    model as it was (modules, parameters, requires_grad flags)."""
+    model = unwrap(model)
+    if any(isinstance(m, LORA_LAYERS) for _, m in named_modules(model)):
         raise ValueError("this model already has LoRA layers (inject_lora was called before)")
+    check_lora_settings(r, lora_alpha, lora_dropout, use_rslora)
     names = find_targets(model, target_modules, exclude_modules)
     if merge_weights:  # eval() would merge ΔW into weights that other modules hold too
         holders = _holders(model)
-        _refuse_shared(
-            {n: holders[id(model.get_submodule(n).weight)] for n in names}, "inject_lora(merge_weights=True)"
-        )
-    new = {
-        n: wrap_module(model.get_submodule(n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
-        for n in names
-    }
-    for n, layer in new.items():
-        replace_module(model, n, layer)
-    mark_only_lora_as_trainable(model)
+        _refuse_shared({n: holders[id(get_module(model, n).weight)] for n in names}, "inject_lora(merge_weights=True)")
+    with all_or_nothing(model) as change:
+        new = {
+            n: wrap_module(get_module(model, n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
+            for n in names
+        }
+        for n, layer in new.items():
+            change.replace(n, layer)
+        mark_only_lora_as_trainable(model)
     params = list(model.parameters())
     return InjectReport(names, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at dotted path `name` inside `model`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _check_bias(bias: str) -> None:
@@ -239,13 +282,13 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
 
 def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """(name, layer) for every LoRALinear, Embedding and Conv1d/2d/3d of `model`."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS))
+    return ((n, m) for n, m in named_modules(unwrap(model)) if isinstance(m, LORA_LAYERS))
 
 
 def _holders(model: nn.Module) -> dict[int, list[str]]:
     """{id of a parameter: the modules holding it directly}, each module once (also one under two names)."""
     out: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         for p in module._parameters.values():
             if p is not None:
                 out.setdefault(id(p), []).append(name)
