@@ -433,3 +433,27 @@ def test_patched_convolution_compiles_fullgraph():
     assert grads.keys() == eager[2].keys()
     for n in eager[2]:
         torch.testing.assert_close(grads[n], eager[2][n], msg=n)
+
+
+@pytest.mark.parametrize("variant", ["mica", "bdlora_a", "bdlora_b"])
+def test_lora_like_variants_match_peft(variant):
+    """MiCA (lora_B frozen) and BD-LoRA (a block-diagonal lora_A or lora_B) forward as LoRA does: they run
+    the kernels, y and the gradients of x and of the trainable factors as PEFT's."""
+    from peft.tuners.lora.config import BdLoraConfig
+
+    torch.manual_seed(0)
+    cfg = {
+        "mica": {"init_lora_weights": "mica"},
+        "bdlora_a": {"use_bdlora": BdLoraConfig(target_modules_bd_a=["lin"], nblocks=3, match_strict=False)},
+        "bdlora_b": {"use_bdlora": BdLoraConfig(target_modules_bd_b=["lin"], nblocks=3, match_strict=False)},
+    }[variant]
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=3, target_modules=["lin"], **cfg)).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.normal_()
+    ref = copy.deepcopy(model)
+    assert fused_lora.patch_peft_model(model).patched == ["base_model.model.lin"]
+    before = LAUNCHES.copy()
+    assert_matches_peft(model, ref, torch.randn(2, 3, 11))
+    assert (LAUNCHES - before)["_shrink_kernel"] == 1

@@ -193,11 +193,30 @@ def is_plain_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
+def variant_name(layer, adapter: str) -> str | None:
+    """The class name of the adapter's LoRA variant ("DoraLinearVariant", "MiCALinearVariant", ...) or None."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None and getattr(layer, "use_dora", {}).get(adapter):
+        return "DoraLinearVariant"
+    return type(variant).__name__ if variant is not None else None
+
+
 def variant_reason(layer, adapter: str) -> str | None:
     """A LoRA variant (DoRA, aLoRA, ...) on this adapter: plain LoRA paths do not run it."""
-    if getattr(layer, "use_dora", {}).get(adapter) or adapter in getattr(layer, "lora_variant", {}):
-        return "DoRA / LoRA variant"
-    return None
+    name = variant_name(layer, adapter)
+    if name is None:
+        return None
+    return "DoRA / LoRA variant" if name.startswith("Dora") else f"LoRA variant ({name.removesuffix('LinearVariant')})"
+
+
+def is_variant(*names: str):
+    """An AdapterPath reason: None for adapters whose variant is one of `names` (class names), else why not."""
+
+    def reason(layer, adapter: str) -> str | None:
+        name = variant_name(layer, adapter)
+        return None if name in names else f"not a {' / '.join(names)} adapter"
+
+    return reason
 
 
 def kernels_refuse(device: torch.device, dtype: torch.dtype) -> bool:

@@ -24,6 +24,7 @@ from .peft_kinds import (
     hooked,
     is_conv1d,
     is_plain_linear,
+    is_variant,
     kernels_refuse,
     linear_dtypes_ok,
     peft_lora,
@@ -47,10 +48,19 @@ def dropout_reason(layer, adapter: str) -> str | None:
 
 def lora_bias(layer, adapter: str, bias: torch.Tensor | None, scaling) -> torch.Tensor | None:
     """bias + s·b_B when the adapter has lora_bias (differentiable in both), else bias."""
-    b = layer.lora_B[adapter].bias if isinstance(layer.lora_B[adapter], nn.Module) else None
+    b = getattr(layer.lora_B[adapter], "bias", None)  # BD-LoRA's BlockDiagonalLinear has none
     if b is None:
         return bias
     return b * scaling if bias is None else torch.add(bias, b, alpha=scaling)
+
+
+def both(*reasons):
+    """An AdapterPath reason that holds when every one of `reasons` does (the first refusal otherwise)."""
+
+    def reason(layer, adapter: str) -> str | None:
+        return next((why for r in reasons if (why := r(layer, adapter)) is not None), None)
+
+    return reason
 
 
 def linear_base_reason(layer) -> str | None:
@@ -73,12 +83,24 @@ def _linear_servable(layer, adapter: str, x: torch.Tensor) -> bool:
     return a.dtype == layer.lora_B[adapter].weight.dtype and linear_dtypes_ok(x, w.dtype, a.dtype)
 
 
+def _factor(module: nn.Module) -> torch.Tensor:
+    """lora_A / lora_B's weight as a matrix: BD-LoRA's BlockDiagonalLinear as its block-diagonal matrix
+    (differentiable, [out, in]; PEFT merges that same matrix)."""
+    dense = getattr(module, "weight_as_blockdiagonal_matrix", None)
+    return dense() if dense is not None else module.weight
+
+
 def _linear_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     dropout, scaling = layer.lora_dropout[adapter], layer.scaling[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     bias = lora_bias(layer, adapter, layer.get_base_layer().bias, scaling)
-    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    A, B = _factor(layer.lora_A[adapter]), _factor(layer.lora_B[adapter])
     return lora_linear(x, base_weight(layer), A, B, scaling, bias, p, dropout.training)
+
+
+def _lora_like(name: str, variant: str) -> AdapterPath:
+    """A path for a LoRA variant whose forward is LoRA's own."""
+    return AdapterPath(name, both(is_variant(variant), dropout_reason), _linear_forward, _linear_servable)
 
 
 LINEAR = register_kind(
@@ -87,7 +109,13 @@ LINEAR = register_kind(
         peft_class=lambda: peft_lora().Linear,
         fused_name="FusedLoraLinear",
         base_reason=linear_base_reason,
-        paths=[AdapterPath("LoRA", _linear_reason, _linear_forward, _linear_servable)],
+        paths=[
+            AdapterPath("LoRA", _linear_reason, _linear_forward, _linear_servable),
+            # variants whose forward is LoRA's: MiCA (lora_B frozen, so no dB is computed) and BD-LoRA (one
+            # factor block-diagonal: its dense matrix, [r, in] or [out, r], formed per call)
+            _lora_like("MiCA", "MiCALinearVariant"),
+            _lora_like("BD-LoRA", "BdLoraLinearVariant"),
+        ],
     )
 )
 
@@ -108,10 +136,14 @@ def _embedding_base_reason(layer) -> str | None:
     return None
 
 
-def _embedding_reason(layer, adapter: str) -> str | None:
+def _embedding_fns(layer, adapter: str) -> str | None:
     if adapter in getattr(layer, "input_fns", {}) or adapter in getattr(layer, "output_fns", {}):
         return "embedding with input/output functions (tied adapter)"
-    return variant_reason(layer, adapter)
+    return None
+
+
+def _embedding_reason(layer, adapter: str) -> str | None:
+    return _embedding_fns(layer, adapter) or variant_reason(layer, adapter)
 
 
 def _embedding_servable(layer, adapter: str, x: torch.Tensor) -> bool:
@@ -134,7 +166,15 @@ EMBEDDING = register_kind(
         peft_class=lambda: peft_lora().Embedding,
         fused_name="FusedLoraEmbedding",
         base_reason=_embedding_base_reason,
-        paths=[AdapterPath("LoRA", _embedding_reason, _embedding_forward, _embedding_servable)],
+        paths=[
+            AdapterPath("LoRA", _embedding_reason, _embedding_forward, _embedding_servable),
+            AdapterPath(
+                "MiCA",
+                both(is_variant("MiCAEmbeddingVariant"), _embedding_fns),
+                _embedding_forward,
+                _embedding_servable,
+            ),
+        ],
         adapters=lambda layer: list(layer.lora_embedding_A.keys()),
     )
 )
