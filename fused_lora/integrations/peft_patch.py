@@ -8,7 +8,8 @@ Each PEFT layer of a registered kind (:mod:`fused_lora.integrations.peft_kinds`)
 adapters it can serve has its class swapped for a subclass whose forward runs fused_lora's path with the
 layer's own parameters:
 
-- ``lora.Linear`` (an ``nn.Linear`` or GPT-2 ``Conv1D`` base; ``lora_bias`` folded into the bias) and
+- ``lora.Linear`` (an ``nn.Linear`` or GPT-2 ``Conv1D`` base; ``lora_bias`` folded into the bias; the MiCA
+  and BD-LoRA variants, whose forward is LoRA's) and
   ``lora.ParamWrapper`` on an ``nn.Linear``'s weight: :func:`fused_lora.lora_linear` (peft_linear, peft_param);
 - ``lora.Embedding`` (a plain ``nn.Embedding``): :func:`fused_lora.lora_embedding` (peft_linear);
 - ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` (groups 1, zero padding, no dilation): one convolution with
@@ -21,7 +22,8 @@ Nothing else changes: parameter names, ``state_dict``, ``save_pretrained`` / ``f
 switching, merging and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass
 hands anything it cannot serve (several active adapters, ``adapter_names=`` mixed batches, merged or
 disabled adapters, extra arguments, dtype combinations the kernels do not take) back to PEFT's forward.
-DoRA and other LoRA variants are left on PEFT's forward (reported) until a path for them is registered.
+DoRA and the other LoRA variants are left on PEFT's forward (reported by name) until a path for them is
+registered (:func:`fused_lora.integrations.peft_kinds.register_path`).
 
 - Layers added later are patched too: ``add_adapter`` / ``load_adapter`` on new target modules go through
   the tuner's ``inject_adapter``, which a patched model runs through :class:`PatchNewLayers` (the new
