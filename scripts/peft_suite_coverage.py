@@ -92,12 +92,13 @@ def print_layers(layers: dict) -> None:
     rows = layers["layers"]
     total = sum(r["layers"] for r in rows)
     fused = sum(r["layers"] for r in rows if r["outcome"] == "fused")
-    dora = sum(layers["dora"].values())
+    dora, dora_only = sum(layers["dora"].values()), layers["dora"].get("variant", 0)
     share = 100 * fused / max(total, 1)
     print(f"\nLoRA layers created by the patched run: {total}; on fused_lora's path: {fused} ({share:.1f} %)")
-    print(f"  layers holding a DoRA adapter: {dora} (left on PEFT's forward until DoRA has a path)")
+    print(f"  layers holding a DoRA adapter: {dora}, {dora_only} of them left on PEFT's forward for that alone")
     if total:
-        print(f"  with the DoRA layers on fused_lora's path too: {100 * (fused + dora) / total:.1f} %")
+        share = 100 * (fused + dora_only) / total
+        print(f"  with those {dora_only} DoRA layers on fused_lora's path too: {share:.1f} %")
     by_kind = Counter()
     for r in rows:
         by_kind[r["kind"]] += r["layers"]

@@ -36,7 +36,7 @@ MODE = os.environ.get("FUSED_LORA_SUITE_MODE", "patched")
 OUT = os.environ.get("FUSED_LORA_SUITE_OUT")
 _SEEN: weakref.WeakSet = weakref.WeakSet()
 LAYERS: Counter = Counter()  # (kind, outcome) -> layers; outcome "fused" or the reason
-DORA: Counter = Counter()  # kind -> layers holding a DoRA adapter
+DORA: Counter = Counter()  # layers holding a DoRA adapter: "variant" (left for that alone) or their other reason
 ERRORS: Counter = Counter()  # exceptions raised by patch_peft_model itself
 
 
@@ -57,8 +57,8 @@ def _record(model) -> None:
         else:
             outcome = kind.static_reason(layer) or "not patched"
         LAYERS[(name, outcome)] += 1
-        if any(getattr(layer, "use_dora", {}).values()):
-            DORA[name] += 1
+        if any(getattr(layer, "use_dora", {}).values()):  # left for being DoRA alone, or for another reason too
+            DORA["variant" if outcome == "DoRA / LoRA variant" else outcome] += 1
 
 
 def _install() -> None:
