@@ -2,6 +2,7 @@
 
     python examples/finetune_tiny.py                 # inject_lora on a plain transformers model
     python examples/finetune_tiny.py --peft          # the same through PEFT + patch_peft_model
+    python examples/finetune_tiny.py --4bit          # QLoRA: the base loaded in 4 bits (NF4, bitsandbytes)
 
 The task: continue a count (each token is the previous one plus one, modulo the vocabulary) from a
 random start. The base model is a randomly initialised Llama (built from LlamaConfig: nothing is
@@ -19,6 +20,7 @@ kernels.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +34,7 @@ VOCAB, SEQ = 48, 24
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-def base_model(device: str) -> torch.nn.Module:
+def base_model(device: str, four_bit: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)  # the same "pretrained" weights every time it is built
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -43,7 +45,18 @@ def base_model(device: str) -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=SEQ,
     )
-    return transformers.LlamaForCausalLM(config).to(device)
+    model = transformers.LlamaForCausalLM(config).to(device)
+    return load_4bit(model, device) if four_bit else model
+
+
+def load_4bit(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """The same weights as transformers loads a QLoRA base: NF4, double quantisation (needs bitsandbytes)."""
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=compute)  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=q, device_map=device)
 
 
 def counting_batch(batch: int, device: str, generator: torch.Generator) -> torch.Tensor:
@@ -71,8 +84,8 @@ def save(model, use_peft: bool, directory: Path) -> None:
         fused_lora.save_adapter(model, directory)
 
 
-def reload(use_peft: bool, directory: Path, device: str) -> torch.nn.Module:
-    model = base_model(device)
+def reload(use_peft: bool, directory: Path, device: str, four_bit: bool = False) -> torch.nn.Module:
+    model = base_model(device, four_bit)
     if use_peft:
         import peft
 
@@ -116,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--peft", action="store_true", help="go through Hugging Face PEFT + patch_peft_model")
+    qlora = "QLoRA: load the base model in 4 bits (NF4, double quantisation; needs bitsandbytes)"
+    ap.add_argument("--4bit", dest="four_bit", action="store_true", help=qlora)
     ap.add_argument("--out", type=Path, default=None, help="where to save the adapter (default: a temp dir)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; ignored on a GPU)")
     ns = ap.parse_args(argv)
     if ns.threads < 1:
         ap.error(f"argument --threads: {ns.threads} must be >= 1")
+    if ns.four_bit and importlib.util.find_spec("bitsandbytes") is None:
+        ap.error("--4bit needs bitsandbytes: pip install 'fused_lora[qlora]'")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(ns: argparse.Namespace, device: str) -> int:
     print(f"device {device}: LoRA layers run on the {fused_lora.backend.resolve_backend(torch.device(device))} backend")
-    model = add_lora(base_model(device), ns.peft, ns.rank, ns.dropout)
+    model = add_lora(base_model(device, ns.four_bit), ns.peft, ns.rank, ns.dropout)
     losses = train(model, ns.steps, ns.lr, ns.batch, device, not ns.no_progress)
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     print(
@@ -146,8 +163,12 @@ def run(ns: argparse.Namespace, device: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         directory = ns.out or Path(tmp) / "adapter"
         save(model, ns.peft, directory)
-        print(f"adapter saved to {directory}: {sorted(p.name for p in Path(directory).iterdir())}")
-        again = reload(ns.peft, directory, device)
+        files = sorted(p.name for p in Path(directory).iterdir())
+        if ns.out:
+            print(f"adapter saved to {directory}: {files}")
+        else:  # a path that is gone once the script ends would only mislead
+            print(f"adapter saved to a temporary folder, deleted at exit (--out DIR keeps it): {files}")
+        again = reload(ns.peft, directory, device, ns.four_bit)
     model.eval()
     again.eval()
     ids = counting_batch(min(ns.batch, 4), device, torch.Generator().manual_seed(2))

@@ -11,6 +11,8 @@
 - :func:`set_backend` / :func:`use_backend` — 'auto' | 'triton' | 'reference' (or FUSED_LORA_BACKEND).
 - :func:`set_impl` / :func:`use_impl` — 'auto' | 'fused' | 'hybrid' (or FUSED_LORA_IMPL): the fused GEMM or
   our low-rank kernel + cuBLAS, chosen per shape by timing both (auto).
+- :class:`LoRALinear4bit` — QLoRA: LoRA on a bitsandbytes 4-bit (NF4/FP4) base weight, dequantised by our
+  kernel into a shared scratch before each GEMM (:class:`QuantizedWeight` is the 4-bit weight itself).
 - :func:`inject_lora`, loralib's helpers, :func:`merge_lora` — LoRA for any nn.Module.
 - :func:`patch_peft_model` — a Hugging Face PEFT model's LoRA layers on the fused kernels.
 - :func:`save_adapter` / :func:`load_adapter` — PEFT's adapter files from plain models.
@@ -38,6 +40,8 @@ from .integrations import (
 )
 from .layer import LoRALinear
 from .merged import MergedLinear
+from .qlora import LoRALinear4bit
+from .quant import QuantizedWeight
 
 __version__ = "0.1.0"
 
@@ -58,9 +62,11 @@ __all__ = [
     "IndexOutOfRangeError",
     "InjectReport",
     "LoRALinear",
+    "LoRALinear4bit",
     "LoRALinearFunction",
     "MergedLinear",
     "PatchReport",
+    "QuantizedWeight",
     "__version__",
     "get_backend",
     "get_impl",

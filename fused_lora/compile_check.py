@@ -6,13 +6,15 @@
 Each configuration is compiled in the heaviest variant that ``kernels.configs.keep_*`` admits it for
 (fp32 adapters with tf32x3 dots, the largest rank bucket it serves, dropout where it may run with it),
 with the specialisation a real launch of contiguous tensors gets (unit strides become constants,
-pointers and 16-multiples are marked divisible by 16). Triton's bundled ``ptxas -v`` then reports
-registers and spill bytes; the PTX tells which MMA instructions were used and whether tiles move by TMA
-(``cp.async.bulk.tensor``); the SASS (``nvdisasm``, :mod:`fused_lora.sass`) gives the instructions per
-main-loop iteration and whether the kernel is persistent (an output store inside a loop). The run fails
-when a kernel does not compile, spills, needs more shared memory than the architecture has, when a GEMM
-on sm_90a does not use ``wgmma`` or ptxas serialises its wgmma instructions (warnings C7510-C7515; in the
-memory-bound shrink and grad passes, whose products are [tile, r] thin, that is reported, not fatal), or
+pointers and 16-multiples are marked divisible by 16). The PTX is then assembled by the ptxas that
+Triton itself uses for that architecture, with Triton's flags (:mod:`fused_lora.nvtools`: which binary
+that is changes between Triton versions), and ``ptxas -v`` reports registers and spill bytes; the PTX
+tells which MMA instructions were used and whether tiles move by TMA (``cp.async.bulk.tensor``); the
+SASS (``nvdisasm``, :mod:`fused_lora.sass`) gives the instructions per main-loop iteration and whether
+the kernel is persistent (an output store inside a loop). The run fails when a kernel does not compile,
+spills, needs more shared memory than the architecture has, when a GEMM on sm_90a does not use
+``wgmma`` or ptxas serialises its wgmma instructions (warnings C7510-C7515; in the memory-bound shrink
+and grad passes, whose products are [tile, r] thin, that is reported, not fatal), or
 when a TMA-path job has no TMA.
 """
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 
+from . import nvtools
 from .compile_jobs import ARCHS, Job, all_jobs
 from .sass import loop_stats
 
@@ -97,27 +100,22 @@ def _spec(fn, args: dict, meta: dict):
     return signature, constexprs, attrs
 
 
-def _ptxas(ptx: str, arch: int) -> tuple[int, int, str, str]:
-    """(registers, spill bytes, note, SASS) from Triton's bundled ptxas and nvdisasm."""
-    import triton
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+def _ptxas(log: str, cubin: bytes) -> tuple[int, int, str, str]:
+    """(registers, spill bytes, note, SASS) from ``ptxas -v``'s report and the cubin it wrote."""
     with tempfile.TemporaryDirectory() as d:
-        src, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        with open(src, "w") as f:
-            f.write(ptx)
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        cmd = [os.path.join(bin_dir, "ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", cubin]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        log = out.stdout + out.stderr
-        if out.returncode:
-            raise RuntimeError(log[-400:])
-        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", "-g", cubin], capture_output=True, text=True)
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvtools.nvdisasm().path, "-c", "-g", path], capture_output=True, text=True)
+    if sass.returncode:
+        raise RuntimeError(f"nvdisasm: {sass.stderr.strip()[-300:]}")
+    regs = re.search(r"Used (\d+) registers", log)
+    if regs is None:
+        raise RuntimeError(f"no register count in the ptxas report: {log.strip()[-300:]!r}")
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     warning = re.search(r"\((C751\d)\).*?wgmma.mma_async instructions are serialized", log)
     note = f"wgmma serialized ({warning.group(1)})" if warning else ""
-    return regs, spills, note, sass.stdout
+    return int(regs.group(1)), spills, note, sass.stdout
 
 
 def compile_job(job: Job, arch: int) -> Row:
@@ -136,14 +134,15 @@ def compile_job(job: Job, arch: int) -> Row:
             for k, v in job.meta_for(arch).items()
         }
         sig, constexprs, attrs = _spec(fn, job.args, meta)
-        compiled = triton.compile(
-            ASTSource(fn, sig, constexprs, attrs),
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
-        )
-        ptx = compiled.asm["ptx"]
+        options = {"num_warps": job.num_warps, "num_stages": job.num_stages, **job.options}
+        with nvtools.ptxas_report() as report:  # Triton's own ptxas run, with its binary and flags
+            compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                      options=options)  # fmt: skip
+        ptx, log, cubin = compiled.asm["ptx"], report.getvalue(), compiled.asm["cubin"]
+        if "Used" not in log:  # taken from Triton's cache: assemble again, as Triton does
+            log, cubin = nvtools.assemble(ptx, arch, options)
         row.shared = int(compiled.metadata.shared)
-        row.registers, row.spill_bytes, row.note, sass_text = _ptxas(ptx, arch)
+        row.registers, row.spill_bytes, row.note, sass_text = _ptxas(log, cubin)
         row.mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
         row.tma = "cp.async.bulk.tensor" in ptx
         stats = loop_stats(sass_text)
@@ -155,7 +154,10 @@ def compile_job(job: Job, arch: int) -> Row:
         if job.tma and arch == 90 and not row.tma:
             row.mma += " (TMA MISSING)"
     except Exception as e:  # report, never hide: a failed compile is a row with an error
-        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        text = str(e).strip()
+        if type(e).__name__ == "PTXASError":  # Triton's message ends with a reproducer command
+            text = nvtools.ptxas_message(text)
+        row.error = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:300]
     return row
 
 
@@ -205,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         f"max registers {max(r.registers for r in rows)}, total spill bytes "
         f"{sum(max(r.spill_bytes, 0) for r in rows)}"
     )
+    print(nvtools.describe(ARCHS))
     if ns.json:
+        import triton
+
         with open(ns.json, "w") as f:
-            json.dump([dataclasses.asdict(r) | {"ok": r.ok} for r in rows], f, indent=1)
+            json.dump([dataclasses.asdict(r) | {"ok": r.ok, "triton": triton.__version__} for r in rows], f, indent=1)
     return 1 if bad else 0
 
 

@@ -27,6 +27,7 @@ class Job:
     archs: tuple[int, ...] = ARCHS  # where kernels.configs admits this configuration
     tma: bool = False  # the Hopper path: expects TMA (cp.async.bulk.tensor) on sm_90a
     serial_ok: bool = False  # memory-bound (N = r): serialised wgmma is reported, not a failure
+    options: dict = dataclasses.field(default_factory=dict)  # further compile options (enable_fp_fusion, ...)
 
     def meta_for(self, arch: int) -> dict:
         return {**self.meta, "NUM_PROGRAMS": NUM_SMS[arch]} if "NUM_PROGRAMS" in self.meta else self.meta
@@ -313,3 +314,41 @@ _all_jobs_before_embedding = all_jobs
 def all_jobs(sizes: dict) -> list[Job]:
     """Every job above, the embedding's included (this block only appends to the file)."""
     return _all_jobs_before_embedding(sizes) + embedding_jobs(sizes)
+
+
+# ======================================================================================================
+# 4-bit dequantisation (issue 17: QLoRA). Appended block: kernels/dequant.py at a Llama-3-8B MLP weight
+# (14336 x 4096), every shipped configuration, each output dtype, plain and double-quantised scales, the
+# smallest blocksize (a tile of many scale rows) and the largest (one scale per program). Compiled as
+# launched: enable_fp_fusion=False (the nested scale's product and sum must round apart, as bitsandbytes').
+# ======================================================================================================
+
+DEQUANT_SIZES = {"N": 14336, "K": 4096}
+
+
+def dequant_jobs(sizes: dict | None = None) -> list[Job]:
+    from fused_lora.kernels.configs import DEQUANT
+
+    numel = DEQUANT_SIZES["N"] * DEQUANT_SIZES["K"]
+    jobs = []
+    for c in DEQUANT:
+        for out_dt in ("bf16", "fp16", "fp32"):
+            for nested in (False, True):
+                for bs in (32, 4096):
+                    args = dict(packed_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", absmax2_ptr="*fp32",
+                                code2_ptr="*fp32", offset_ptr="*fp32", lut_ptr="*fp32", out_ptr="*" + out_dt,
+                                numel=numel, n_bytes=numel // 2, n_blocks=numel // bs, blocksize2=256)  # fmt: skip
+                    meta = dict(LOG2_BS=bs.bit_length() - 1, NESTED=nested, BF16_BITS=False, BLOCK=c.BLOCK,
+                                GROUP=min(bs, c.BLOCK))  # fmt: skip
+                    variant = f"{out_dt} out, {'nested' if nested else 'fp32'} absmax, bs {bs}"
+                    jobs.append(Job("_dequant4bit_kernel", "dequant", _cfg_name(c), variant, args, meta, c.num_warps,
+                                    c.num_stages, False, options={"enable_fp_fusion": False}))  # fmt: skip
+    return jobs
+
+
+_all_jobs_before_dequant = all_jobs
+
+
+def all_jobs(sizes: dict) -> list[Job]:
+    """Every job above, the dequantisation kernel's included (this block only appends to the file)."""
+    return _all_jobs_before_dequant(sizes) + dequant_jobs(sizes)

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from . import reference_layers, sharing
 from .backend import interpreting, resolve_backend
 from .distributed import full, is_dtensor, local_block
+from .embedding_ops import LoRAEmbeddingFunction
 from .merging import ExactMerge, MergeRecord, MergeTarget, delta_product
+from .opdef import plain
 from .validation import (
     check_alpha,
     check_embedding_kwargs,
@@ -71,6 +73,7 @@ def check_indices(idx, num_embeddings: int, name: str = "input") -> None:
         return  # no values to read (meta), or reading them would break the compiled graph
     if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
+    idx = plain(idx)  # under torch.func.vmap: every index of the batch
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one read back (a GPU waits once), not two
     if lo < 0 or hi >= num_embeddings:
         bad = ((idx < 0) | (idx >= num_embeddings)).nonzero()[0].tolist()
@@ -111,95 +114,6 @@ def _check_tables(weight, lora_A, lora_B) -> None:
         raise TypeError(f"lora_A/lora_B are {lora_A.dtype}; with weight in {weight.dtype} they must be that or float32")
     if len({weight.device, lora_A.device, lora_B.device}) > 1:
         raise ValueError(f"weight ({weight.device}), lora_A ({lora_A.device}) and lora_B ({lora_B.device}) differ")
-
-
-_kernels = None
-
-
-def _k():
-    """fused_lora.kernels.embedding, imported on first use (importing triton reads TRITON_INTERPRET)."""
-    global _kernels
-    if _kernels is None:
-        from .kernels import embedding
-
-        _kernels = embedding
-    return _kernels
-
-
-@torch.library.custom_op("fused_lora::lora_embedding_fwd", mutates_args=())
-def _embedding_fwd(idx: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   scaling: float, padding_idx: int, scale_grad_by_freq: bool,
-                   deterministic: bool) -> torch.Tensor:  # fmt: skip
-    """y [T, D] = W[idx] + s·A[:, idx]ᵀ·Bᵀ for flat indices idx [T] (one kernel); padding_idx (-1: none)
-    and scale_grad_by_freq are for the backward."""
-    return _k().lora_embedding_forward(idx, weight, lora_A, lora_B, scaling, deterministic=deterministic)
-
-
-@_embedding_fwd.register_fake
-def _(idx, weight, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq, deterministic):
-    return weight.new_empty((idx.shape[0], weight.shape[1]))
-
-
-@torch.library.custom_op("fused_lora::lora_embedding_bwd", mutates_args=())
-def _embedding_bwd(dy: torch.Tensor, idx: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                   padding_idx: int, counts: torch.Tensor | None, need_A: bool, need_B: bool,
-                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dA [r, V], dB [D, r]) in the adapters' dtype, each an empty tensor when not needed
-    (padding_idx -1: none)."""
-    dA, dB = _k().lora_embedding_backward(
-        dy, idx, lora_A, lora_B, scaling, padding_idx=None if padding_idx < 0 else padding_idx, counts=counts,
-        need_dA=need_A, need_dB=need_B, deterministic=deterministic,
-    )  # fmt: skip
-    return (
-        dA.to(lora_A.dtype) if need_A else lora_A.new_empty(0),
-        dB.to(lora_B.dtype) if need_B else lora_B.new_empty(0),
-    )
-
-
-@_embedding_bwd.register_fake
-def _(dy, idx, lora_A, lora_B, scaling, padding_idx, counts, need_A, need_B, deterministic):
-    return lora_A.new_empty(lora_A.shape if need_A else (0,)), lora_B.new_empty(lora_B.shape if need_B else (0,))
-
-
-def _embedding_setup(ctx, inputs, output) -> None:
-    idx, weight, lora_A, lora_B, scaling, padding_idx, freq, deterministic = inputs
-    ctx.save_for_backward(idx, lora_A, lora_B)
-    ctx.scaling, ctx.deterministic, ctx.num_embeddings = scaling, deterministic, weight.shape[0]
-    ctx.padding_idx, ctx.freq = padding_idx, freq
-
-
-def _embedding_backward(ctx, dy):
-    idx, lora_A, lora_B = ctx.saved_tensors
-    _, need_w, need_A, need_B = ctx.needs_input_grad[:4]
-    if torch.is_grad_enabled():
-        raise RuntimeError("double backward through the fused embedding is not supported (create_graph=True)")
-    V, pad, freq = ctx.num_embeddings, ctx.padding_idx, ctx.freq
-    counts = torch.bincount(idx, minlength=V) if freq and need_A else None
-    dA = dB = dW = None
-    if need_A or need_B:
-        dA, dB = torch.ops.fused_lora.lora_embedding_bwd(
-            dy, idx, lora_A, lora_B, ctx.scaling, pad, counts, need_A, need_B, ctx.deterministic
-        )
-    if need_w:  # only when the caller made the table trainable
-        dW = torch.ops.aten.embedding_dense_backward(dy, idx, V, pad, freq)
-    return None, dW, dA if need_A else None, dB if need_B else None, None, None, None, None
-
-
-torch.library.register_autograd("fused_lora::lora_embedding_fwd", _embedding_backward, setup_context=_embedding_setup)
-
-
-class LoRAEmbeddingFunction:
-    """The fused embedding with the checks already done: ``LoRAEmbeddingFunction.apply(idx, weight, lora_A,
-    lora_B, scaling, padding_idx, scale_grad_by_freq, deterministic)``, differentiable through the custom
-    operators ``fused_lora::lora_embedding_fwd`` / ``_bwd`` (what torch.compile sees)."""
-
-    @staticmethod
-    def apply(idx, weight, lora_A, lora_B, scaling: float, padding_idx, scale_grad_by_freq, deterministic):
-        pad = -1 if padding_idx is None else padding_idx
-        y = _embedding_fwd(
-            idx.reshape(-1), weight, lora_A, lora_B, scaling, pad, bool(scale_grad_by_freq), deterministic
-        )
-        return y.view(*idx.shape, weight.shape[1])
 
 
 def lora_embedding(

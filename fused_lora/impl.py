@@ -26,7 +26,9 @@ dropout mask, so the choice can differ between forward and backward, and between
     fused    / hybrid: force one.
 
 Chosen, most specific first, by :func:`use_impl` (this thread / task), :func:`set_impl` (process),
-the environment variable ``FUSED_LORA_IMPL``, then ``auto``.
+the environment variable ``FUSED_LORA_IMPL``, then ``auto``. The setting is read when a forward runs
+and the backward of that forward follows it (autograd may run a backward on another thread — on CUDA
+it does —, which would not see a ``use_impl`` block of the forward's thread).
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ def set_impl(name: str | None) -> None:
 
 
 def get_impl() -> str:
-    """The configured implementation name (before 'auto' is resolved for a problem)."""
+    """The configured implementation name (before 'auto' is resolved for a problem). Read when a
+    forward runs and carried to its backward; under torch.compile read once, when a graph is traced."""
     return _SETTING.get()
+
+
+get_impl._dynamo_marked_constant = True  # type: ignore[attr-defined]  # as backend.resolve_backend
 
 
 @contextlib.contextmanager
@@ -61,9 +67,9 @@ def use_impl(name: str) -> Iterator[None]:
         yield
 
 
-def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None) -> torch.Tensor:
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None, name=None) -> torch.Tensor:
     """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem (`groups`: see
-    kernels.lora_gemm)."""
+    kernels.lora_gemm; `name`: the configured implementation, :func:`get_impl` when None)."""
 
     def fused():
         return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
@@ -77,11 +83,13 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
 
     M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]
     key = ("fwd", x2.dtype, lora_B.dtype, M, N, K, r, 0.0, bias is not None)
-    return _run(key, fused, hybrid, deterministic, x2.device)
+    return _run(key, fused, hybrid, deterministic, x2.device, name)
 
 
-def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool) -> torch.Tensor:
-    """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem."""
+def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool, name=None) -> torch.Tensor:
+    """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem (`name`: the
+    implementation configured when the forward ran — the backward may run on another thread, which does
+    not see a ``use_impl`` block of the forward's; :func:`get_impl` when None)."""
 
     def fused():
         return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
@@ -95,7 +103,7 @@ def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic
 
     M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]
     key = ("bwd", dy2.dtype, lora_A.dtype, M, K, N, r, dropout_p, False)
-    return _run(key, fused, hybrid, deterministic, dy2.device)
+    return _run(key, fused, hybrid, deterministic, dy2.device, name)
 
 
 def _wide(x_dtype: torch.dtype) -> bool:
@@ -119,9 +127,10 @@ def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return c.addmm_(a.float(), b.float())
 
 
-def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -> str:
-    """'fused' or 'hybrid' for a problem `key` (direction, dtypes, M, N, K, r, p, bias)."""
-    name = get_impl()
+def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None, name: str | None = None) -> str:
+    """'fused' or 'hybrid' for a problem `key` (direction, dtypes, M, N, K, r, p, bias), under the
+    configured implementation `name` (default :func:`get_impl`)."""
+    name = get_impl() if name is None else _SETTING.check(name, "impl")
     if name != "auto":
         return name
     if deterministic or device.type == "meta":
@@ -134,6 +143,6 @@ def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None) -
     return tuning.table("impl").pick(table_key, ["fused", "hybrid"], bench, device)
 
 
-def _run(key, fused, hybrid, deterministic: bool, device: torch.device) -> torch.Tensor:
+def _run(key, fused, hybrid, deterministic: bool, device: torch.device, name: str | None) -> torch.Tensor:
     impls = {"fused": fused, "hybrid": hybrid}
-    return impls[resolve(key, deterministic, device, bench=lambda n: impls[n])]()
+    return impls[resolve(key, deterministic, device, bench=lambda n: impls[n], name=name)]()

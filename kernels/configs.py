@@ -314,3 +314,25 @@ def embedding_table(kind: str) -> list:
     if kind == "fwd":
         return EMBEDDING_FWD_INTERPRET if interpreting() else EMBEDDING_FWD
     return EMBEDDING_BWD_INTERPRET if interpreting() else EMBEDDING_BWD
+
+
+# ======================================================================================================
+# 4-bit dequantisation (issue 17: QLoRA). Appended block: the kernel lives in kernels/dequant.py.
+# ======================================================================================================
+
+
+class DequantConfig(NamedTuple):
+    BLOCK: int  # elements per program (BLOCK / 2 bytes in); a tile row of min(blocksize, BLOCK) shares a scale
+    num_warps: int
+    num_stages: int
+
+
+# Memory-bound and elementwise: 16 elements (8 bytes in, 32 bytes of bf16 out) per thread, or 32.
+DEQUANT = [DequantConfig(4096, 8, 1), DequantConfig(2048, 4, 1), DequantConfig(8192, 8, 1)]
+# Under the interpreter: small programs, so that a tile spanning several scale blocks (bs 32) and one
+# inside a block (bs >= 128) are both exercised by small tests.
+DEQUANT_INTERPRET = [DequantConfig(256, 4, 1)]
+
+
+def dequant_table() -> list[DequantConfig]:
+    return DEQUANT_INTERPRET if interpreting() else DEQUANT

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -243,12 +244,119 @@ def fsdp_adapter_files(rank: int, directory: str) -> None:
             assert torch.equal(v, state[k]), k
 
 
+class InPlaceNet(nn.Module):
+    """Every fused layer kind, each followed by an in-place op on its output (as real models do: ReLU
+    inplace, a scaled or residual add in place): Embedding, LoRALinear, MergedLinear, Conv1d."""
+
+    def __init__(self) -> None:
+        import fused_lora
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = fused_lora.Embedding(17, IN, r=R, lora_alpha=4)
+        self.fc1 = fused_lora.LoRALinear(IN, HIDDEN, R, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.qkv = fused_lora.MergedLinear(HIDDEN, 3 * OUT, r=2, lora_alpha=4, enable_lora=[True, False, True])
+        self.conv = fused_lora.Conv1d(3 * OUT, OUT, 3, r=2, lora_alpha=4, padding=1)
+        self.fc2 = fused_lora.LoRALinear(OUT, OUT, R, 8, fan_in_fan_out=True)
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                if "lora_" in n:
+                    p.normal_(std=0.3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h.mul_(2.0)
+        h = self.act(self.fc1(h))  # ReLU(inplace=True) on fc1's output
+        q = self.qkv(h)
+        q += 1.0
+        c = self.conv(q.transpose(1, 2))
+        c.mul_(0.5)
+        y = self.fc2(c.transpose(1, 2))
+        y += c.transpose(1, 2)  # a residual added in place
+        return y
+
+
+def peft_in_place_net() -> nn.Module:
+    """A PEFT model whose lora.Embedding and lora.Linear are patched to the kernels."""
+    import peft
+
+    import fused_lora
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(17, IN), nn.Linear(IN, OUT)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h.mul_(2.0)
+            y = self.fc(h)
+            y += 1.0
+            return y
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=R, lora_alpha=4, target_modules=["emb", "fc"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.3)
+    assert len(fused_lora.patch_peft_model(model).patched) == 2
+    return model
+
+
+def fsdp_in_place(rank: int) -> None:
+    """FSDP2 with every fused layer its own unit (resharded after forward) and in-place ops on their
+    outputs: the pre-backward hooks must still unshard each unit, so the gradients equal one process's
+    on the reference backend. With views as outputs the hooks were dropped and backward read freed
+    parameters (garbage gradients, different every run)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fused_lora
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    ids = torch.randint(0, 17, (8, 5), generator=torch.Generator().manual_seed(3))
+    target = torch.randn(8, 5, OUT, generator=torch.Generator().manual_seed(4))
+    for build, units in ((InPlaceNet, ("emb", "fc1", "qkv", "conv", "fc2")), (peft_in_place_net, None)):
+        with fused_lora.use_backend("reference"):
+            single = build()
+            nn.functional.mse_loss(single(ids), target).backward()
+        model = build()
+        layers = (
+            [getattr(model, u) for u in units] if units else [model.base_model.model.emb, model.base_model.model.fc]
+        )
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with fused_lora.use_backend("triton"), warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # FSDP2 warns when a unit returns a view
+            before = _launches()
+            nn.functional.mse_loss(model(ids[rank::WORLD]), target[rank::WORLD]).backward()
+            launched = _launches() - before
+        assert launched["_lora_grad_kernel"] >= 1 and launched["_lora_embedding_bwd_kernel"] == 1, launched
+        got, want = lora_grads(model), lora_grads(single)
+        assert got.keys() == want.keys() and len(got) >= 4, (got.keys(), want.keys())
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _launches():
+    from fused_lora.kernels import LAUNCHES
+
+    return LAUNCHES.copy()
+
+
 # ---------------------------------------------------------------- one spawn per test (imports cost seconds)
 
 
 def gradients(rank: int) -> None:
     ddp_gradients(rank, "triton")
     fsdp_gradients(rank, "triton")
+
+
+def in_place(rank: int) -> None:
+    fsdp_in_place(rank)
 
 
 def sharded_state(rank: int, directory: str) -> None:

@@ -74,17 +74,22 @@ def test_main_job_without_gpu(tmp_path, capsys):
             "--providers", "fused,peft,addmm,floor"]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "speed needs one" in text and "NO speed claims" in text
+    flat = " ".join(text.split())  # the notice is wrapped to 100 columns
+    assert "speed needs one" in flat and "NO speed claims" in flat
     assert "smoke run (interpreter, correctness only): 7 ok, 1 n/a" in text
-    assert "MODELLED forward+backward on an H100 SXM (roofline, not measured), dropout 0: fused" in text
-    assert "bytes kept for backward (measured, meta device), dropout 0.1: fused 0.52 MB | peft 134" in text
-    assert len(text.splitlines()) < 20
+    assert "MODELLED forward+backward on an H100 SXM, ms (x floor): a roofline, not measured:" in text
+    assert "bytes kept for backward, MB (measured: meta device, dropout's mask stored as on CUDA):" in text
+    lines = text.splitlines()
+    assert any(line.split() == ["fused", "0.52", "0.52"] for line in lines), text
+    assert any(line.split() == ["peft", "0.26", "100.93"] for line in lines), text
+    assert len(lines) < 30 and max(len(line) for line in lines if str(tmp_path) not in line) <= 110, text
     tables = (tmp_path / "rows-tables.txt").read_text()
     assert "1. smoke run" in tables and "2. bytes kept for backward" in tables and "3. MODELLED time" in tables
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     saved = {(r["provider"], r["dropout"]): r.get("saved_mb") for r in rows if r["mode"] == "saved"}
     assert saved[("fused", 0.1)] == pytest.approx((8192 * 16 * 4 + 8) / 1e6)
-    assert saved[("peft", 0.1)] > 60  # a dropped copy of x (67 MB) and more
+    # on CUDA: a dropped copy of x (bf16) and native dropout's bool mask, [8192, 4096] each, and xa [8192, 16]
+    assert saved[("peft", 0.1)] == pytest.approx((8192 * 4096 * (2 + 1) + 8192 * 16 * 2) / 1e6)
     assert all(not r["speed_valid"] for r in rows)
     assert any(r["mode"] == "fwdbwd" and r["provider"] == "fused" and r["model_ms"] > 0 for r in rows)
 
@@ -210,6 +215,86 @@ def test_gpu_sweep_code_path_with_stub_timers(monkeypatch, capsys, device):
     assert any(r["note"].startswith("n/a") for r in rows if r["provider"] == "addmm")
     lines = summary.measured(rows, list(model.PROVIDERS))
     assert lines[0] == "headline case: tiny, M=16, K=24 -> N=20, r=4, float32 (adapters float32)"
-    assert "measured forward+backward, dropout 0: fused 1.000 ms (1.11x floor, 1.50x faster than peft) | " in lines[1]
+    assert lines[1] == "  measured forward+backward, ms (x floor, x faster than peft):"
+    fused_line = next(line for line in lines if line.split()[:1] == ["fused"])
+    assert fused_line.split()[1:5] == ["1.000", "(1.11x,", "1.50x", "peft)"], lines
+    assert max(map(len, lines)) <= 110, lines
     assert [title for title, _, _ in sections] == ["== tiny: K=24 -> N=20, float32 (adapters float32) =="]
     assert capsys.readouterr().out == "", "the sweep prints nothing: tables go to a file, the summary to the end"
+
+
+def test_saved_bytes_count_the_dropout_mask_as_cuda_stores_it():
+    """Off CUDA, torch's dropout keeps its mask in the activation dtype; on CUDA native_dropout keeps a
+    bool mask. The no-GPU table reports what a GPU run keeps (the README's 101 MB), not the CPU's 134 MB."""
+    from fused_lora.bench.measure import cuda_dropout
+    from fused_lora.bench.offline import memory_rows
+
+    rows = {
+        str(dt).removeprefix("torch."): memory_rows([Case("attn-7b", 8192, 4096, 4096, 16, dt, dt, 0.1, "meta")],
+                                                    ["peft"], {}, progress=False)[0]
+        for dt in (torch.bfloat16, torch.float32)
+    }  # fmt: skip
+    assert rows["bfloat16"]["saved_mb"] == pytest.approx((8192 * 4096 * (2 + 1) + 8192 * 16 * 2) / 1e6)
+    assert rows["float32"]["saved_mb"] == pytest.approx((8192 * 4096 * (4 + 1) + 8192 * 16 * 4) / 1e6)
+    x = torch.randn(64, 32, requires_grad=True)  # on a real CPU tensor: the mask, the values, the gradient
+    torch.manual_seed(3)
+    with cuda_dropout():
+        y = torch.nn.Dropout(0.25)(x)
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.9
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert torch.nn.functional.dropout.__name__ == "dropout" and "cuda_dropout" not in repr(torch.nn.functional.dropout)
+
+
+def _all_provider_rows(shapes, dropouts=(0.0, 0.1)):
+    """Modelled rows for every provider (the fused variants coincide), one per (shape, dropout, rank)."""
+    rows = []
+    for shape in shapes:
+        for p in dropouts:
+            for prov in model.PROVIDERS:
+                for r in (4, 16, 64):
+                    rows.append(dict(shape=shape, M=8192, dropout=p, mode="fwd", provider=prov, r=r, dtype="bf16",
+                                     speed_valid=False, model_ms=1.0 + r / 100, model_gpu="H100 SXM"))  # fmt: skip
+    return rows
+
+
+def test_plots_tell_every_provider_apart():
+    """Each provider has its own colour and its own marker+line style, so coinciding curves (fused, fused-tma,
+    fused-ptr in the model) stay visible; the legend sits outside every panel."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ((name, fig),) = plots.figures(_all_provider_rows(["attn-7b"]))
+    assert name == "modelled-time-fwd"
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert sorted(line.get_label() for line in lines) == sorted(model.PROVIDERS)
+        colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
+        looks = [(line.get_marker(), str(line.get_linestyle()), line.get_fillstyle()) for line in lines]
+        assert len(set(colours)) == len(lines), dict(zip(colours, (line.get_label() for line in lines)))
+        assert len(set(looks)) == len(lines), looks
+        assert ax.get_legend() is None
+    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == len(model.PROVIDERS)
+
+
+def test_plots_split_many_panels_over_several_figures():
+    """The default sweep has 16 (shape, dropout) panels: a row per shape, a column per dropout, at most
+    MAX_ROWS rows a figure, the pages numbered; the titles wrap to the figure's width."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    shapes = ["attn-7b", "mlp-up-7b", "mlp-down-7b", "mlp-up-8b", "mlp-down-8b", "attn-70b", "mlp-up-70b", "x"]
+    figs = plots.figures(_all_provider_rows(shapes))
+    assert [name for name, _ in figs] == ["modelled-time-fwd-1", "modelled-time-fwd-2", "modelled-time-fwd-3"]
+    drawn = [[ax.get_title() for ax in fig.axes if ax.get_lines()] for _, fig in figs]
+    assert [len(t) for t in drawn] == [6, 6, 4]
+    assert drawn[0][:2] == ["attn-7b, M=8192, p=0", "attn-7b, M=8192, p=0.1"]
+    everything = sorted(f"{s}, M=8192, p={p}" for s in shapes for p in ("0", "0.1"))
+    assert sorted(t for page in drawn for t in page) == everything
+    for _, fig in figs:
+        title = fig._suptitle.get_text()
+        assert max(len(line) for line in title.splitlines()) <= fig.get_figwidth() * 13, title

@@ -4,6 +4,8 @@ Each test is one spawn of two processes (starting one costs seconds of imports);
 tests/dist_workers.py, check several things in turn:
 - gradients: DDP's averaged gradients and FSDP2's reduce-scattered ones equal a single process's on the
   whole batch, with the kernels running (Triton's interpreter);
+- in-place ops on the outputs of every fused layer kind (and patched PEFT layers), each an FSDP2 unit:
+  FSDP2's pre-backward hooks still run, gradients equal one process's on the reference backend;
 - sharded state: merge_lora / unmerge_lora and eval() / train() with merge_weights on FSDP2's DTensors,
   bit-exact round trips (also when the root unit kept unsharded copies after a no-grad forward);
   lora_state_dict gathers whole tensors; save_adapter (collective, rank 0 writes) and load_adapter into a
@@ -42,6 +44,13 @@ def _fsdp2():
 
 def test_ddp_and_fsdp2_gradients_equal_one_process():
     dist_workers.run(dist_workers.gradients)
+
+
+def test_fsdp2_in_place_ops_on_every_layers_output():
+    """Embedding, LoRALinear, MergedLinear, Conv1d and patched PEFT layers, each its own FSDP2 unit, with
+    in-place ops on their outputs: gradients equal one process's on the reference backend."""
+    pytest.importorskip("peft")
+    dist_workers.run(dist_workers.in_place, timeout=300.0)
 
 
 def test_fsdp2_merge_unmerge_state_dict_and_adapter_files(tmp_path):

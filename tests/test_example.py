@@ -49,3 +49,18 @@ def test_example_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
             finetune_tiny.main(["--threads", "0"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_example_names_only_an_adapter_folder_that_stays(tmp_path, capsys):
+    """The adapter goes to a temporary folder deleted at exit unless --out names one: the script must not
+    print a path that no longer exists once it returns, and --out's folder is kept and named."""
+    argv = ["--steps", "1", "--batch", "1", "--no-progress", "--rank", "2"]
+    with fused_lora.use_backend("reference"):
+        assert finetune_tiny.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "adapter saved to a temporary folder, deleted at exit (--out DIR keeps it)" in out, out
+        for path in re.findall(r"(/\S+)", out):
+            assert Path(path.rstrip(":,")).exists(), f"{path} is printed but gone"
+        assert finetune_tiny.main([*argv, "--out", str(tmp_path / "kept")]) == 0
+    assert f"adapter saved to {tmp_path / 'kept'}: [" in capsys.readouterr().out
+    assert (tmp_path / "kept" / "adapter_config.json").exists()

@@ -70,18 +70,37 @@ def test_fullgraph_aot_eager_equals_eager_with_dropout(device):
     assert not torch.equal(run(compiled, x, seed=2)[0], got[0]), "a new seed must give a new mask"
 
 
-def test_fullgraph_inductor_equals_eager_with_fallback_random(device, monkeypatch):
+def test_fullgraph_inductor_equals_eager_with_fallback_random(device):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch._dynamo.reset()
     model = TwoLayers(device)
     x = torch.randn(3, 24, device=device)
     eager = run(model, x)
     before = LAUNCHES.copy()
-    got = run(torch.compile(model, backend="inductor", fullgraph=True), x)
+    # The config's own patch() (a per-thread override in torch 2.13), not monkeypatch's set-and-restore
+    with inductor_config.patch(fallback_random=True):
+        got = run(torch.compile(model, backend="inductor", fullgraph=True), x)
     assert (LAUNCHES - before)["_lora_gemm_kernel"] >= 2
     assert_same(got, eager)
+    assert inductor_config.fallback_random is False
+
+
+def test_fallback_random_is_a_per_thread_setting():
+    """What the README says of torch 2.13: inductor's config values are per thread (ContextVars), so
+    fallback_random must be set in the thread that compiles; patch() restores it, leaving it readable."""
+    import threading
+
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+    with inductor_config.patch(fallback_random=True):
+        worker = threading.Thread(target=lambda: seen.setdefault("other thread", inductor_config.fallback_random))
+        worker.start()
+        worker.join()
+        seen["this thread"] = inductor_config.fallback_random
+    assert seen == {"this thread": True, "other thread": False}
+    assert inductor_config.fallback_random is False
 
 
 def test_patched_peft_model_compiles_fullgraph(device):

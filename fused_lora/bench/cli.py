@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -114,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .offline import run_offline
 
-        print(
+        message = (
             "No CUDA GPU here: speed needs one. Running instead: a smoke run through Triton's interpreter "
             "(correctness only, NO speed claims), the bytes each provider keeps for backward at full size, "
             f"and the MODELLED (roofline) time of every provider on an {gpu.name}."
         )
+        print(textwrap.fill(message, width=100))
         out = Path(ns.out or f"{RESULTS_DIR}/no-gpu.jsonl")
         rows, checks, sections = run_offline(cases(ns, "meta"), ns.providers, ns.modes, gpu, env, progress)
         lines = summary.offline(rows, checks, gpu.name, ns.providers)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = [] if ns.no_plots else _plots(rows, out)
     print("\n".join(["", *lines, ""]))
     print(f"full tables:  {tables}")
-    print(f"results:      {out} ({len(rows)} rows of {kind} appended, JSON lines)")
+    print(f"results:      {out}\n              ({len(rows)} rows of {kind} appended, JSON lines)")
     if plots:
         print("plots:        " + "\n              ".join(plots))
     return 0

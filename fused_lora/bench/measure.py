@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 
 def saved_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -24,6 +26,30 @@ def saved_for_backward(fn: Callable[[], object], exclude: Iterable[torch.Tensor]
         if not _shares_memory(t, owned) and not _shares_memory(t, out):
             out.append(t)
     return out
+
+
+@contextlib.contextmanager
+def cuda_dropout() -> Iterator[None]:
+    """Inside: ``F.dropout`` in training dispatches as it does on a CUDA tensor, whatever the device.
+
+    ``at::dropout`` runs ``native_dropout`` (which keeps a **bool** mask for backward: 1 byte per element)
+    when ``train`` and the tensor is on CUDA (or XPU, lazy, a private-use backend) with 0 < p < 1 and
+    elements; on the CPU and the meta device it multiplies by a noise tensor in the input's dtype, which
+    autograd keeps (2 bytes per element in bf16, 4 in fp32). Measuring on the meta device inside this
+    block gives what a GPU run keeps (nn.Dropout calls ``F.dropout`` by its module attribute)."""
+    original = F.dropout
+
+    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
+        if not (training and 0 < p < 1 and input.numel() > 0):
+            return original(input, p, training, inplace)
+        out = torch.native_dropout(input, p, training)[0]
+        return input.copy_(out) if inplace else out
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
 
 
 def _shares_memory(t: torch.Tensor, others: list[torch.Tensor]) -> bool:

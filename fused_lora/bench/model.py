@@ -178,3 +178,36 @@ _PASSES = {
     "addmm": _addmm,
     "floor": _floor,
 }
+
+
+# ======================================================================================================
+# QLoRA (issue 17). Appended block: 4-bit NF4 base weights (blocksize 64, double quantisation), dequantised
+# to the activations' dtype before each GEMM, forward and backward (docs/design.md section 13). Opt-in
+# providers (not in the default sweep): --providers qlora,peft-qlora,dequant.
+# ======================================================================================================
+
+QLORA_PROVIDERS = ("qlora", "peft-qlora", "dequant")
+
+
+def dequant_bytes(N: int, K: int, e: int, blocksize: int = 64) -> float:
+    """One dequantisation of a [N, K] NF4 weight with double-quantised scales, written in e-byte elements:
+    nibbles T/2 + uint8 codes T/bs + fp32 per-256-block scales, read; T·e written."""
+    T = N * K
+    return T / 2 + T / blocksize + 4 * T / (blocksize * 256) + e * T
+
+
+def _dequant(M, K, N, r, e, ea, d):
+    deq = Pass("dequantise W (4-bit -> 16-bit)", 0, dequant_bytes(N, K, e))
+    return [deq], [deq]  # once per direction, as a QLoRA layer runs it
+
+
+def _with_dequant(passes):
+    def model(M, K, N, r, e, ea, d):
+        fwd, bwd = passes(M, K, N, r, e, ea, d)
+        (deq,), _ = _dequant(M, K, N, r, e, ea, d)
+        return [deq, *fwd], [deq, *bwd]
+
+    return model
+
+
+_PASSES |= {"qlora": _with_dequant(_fused), "peft-qlora": _with_dequant(_peft), "dequant": _dequant}

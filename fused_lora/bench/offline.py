@@ -11,7 +11,7 @@ import torch
 import fused_lora
 
 from . import model
-from .measure import nbytes, saved_for_backward
+from .measure import cuda_dropout, nbytes, saved_for_backward
 from .progress import bar
 from .providers import Case, NotApplicable, build, make_weights
 from .tables import Column, modelled
@@ -68,12 +68,13 @@ def smoke(providers: list[str]) -> list[dict]:
             except (NotApplicable, ImportError) as e:
                 out.append({**row, "result": "n/a", "detail": str(e)})
                 continue
+            expected = prov.expected() if hasattr(prov, "expected") else ref  # 4-bit providers: their own W
             y = prov.forward()
             prov.backward()
             ok = bool(torch.isfinite(y).all() and torch.isfinite(prov.x.grad).all())
             detail = "forward+backward ran, finite"
             if case.dropout == 0 and name != "floor":
-                err = (y.double() - ref).abs().max().item()
+                err = (y.double() - expected).abs().max().item()
                 ok = ok and err < 1e-3
                 detail = f"max |y - fp64 reference| = {err:.2e}"
             out.append({**row, "result": "ok" if ok else "FAILED", "detail": f"{detail} ({prov.impl})"})
@@ -81,7 +82,8 @@ def smoke(providers: list[str]) -> list[dict]:
 
 
 def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bool = True) -> list[dict]:
-    """Bytes kept for backward by one training forward, at full size, on the meta device."""
+    """Bytes kept for backward by one training forward, at full size, on the meta device, with dropout
+    dispatched as on CUDA (:func:`cuda_dropout`: a bool mask, not the CPU's mask in the activation dtype)."""
     unique = list({(c.shape, c.M, c.r, c.dropout): c for c in cases}.values())
     rows = []
     pbar = bar(len(unique) * len(providers), "bytes kept for backward", progress)
@@ -94,7 +96,9 @@ def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bo
             except NotApplicable as e:
                 rows.append({**row, "note": f"n/a: {e}"})
             else:
-                saved = saved_for_backward(prov.forward, [*prov.module.parameters(), prov.x])
+                kept = [*prov.module.parameters(), prov.x, *getattr(prov, "state", ())]  # state: a 4-bit W's scales
+                with cuda_dropout():  # what a GPU run keeps: the dropout mask as CUDA stores it (bool)
+                    saved = saved_for_backward(prov.forward, kept)
                 rows.append(
                     {
                         **row,
@@ -145,7 +149,8 @@ def run_offline(cases, providers, modes, gpu: model.GPUSpec, env: dict, progress
         ("1. smoke run (CPU; fused = Triton interpreter): correctness only, no speed claims", checks,
          SMOKE_COLUMNS),
         ("2. bytes kept for backward by one training forward (measured: real autograd on the meta device, "
-         "full size; parameters and x itself excluded)", mem, MEMORY_COLUMNS),
+         "full size, dropout dispatched as on CUDA (a bool mask); parameters and x itself excluded)", mem,
+         MEMORY_COLUMNS),
         (f"3. MODELLED time on an {gpu.name} ({gpu.tflops:g} TFLOP/s, {gpu.tbps:g} TB/s): sum over each "
          f"provider's passes of max(FLOPs/peak, bytes/bandwidth) — a limit, not a measurement", mod,
          MODEL_COLUMNS),

@@ -149,10 +149,10 @@ def parser() -> argparse.ArgumentParser:
     )
     add(
         "--providers",
-        type=names("provider", model.PROVIDERS),
+        type=names("provider", model.PROVIDERS + model.QLORA_PROVIDERS),
         default=",".join(model.PROVIDERS),
         help=f"implementations side by side (fused_lora/bench/providers.py says what each is), comma list of: "
-        f"{', '.join(model.PROVIDERS)}",
+        f"{', '.join(model.PROVIDERS)}; opt-in (QLoRA, 4-bit base weights): {', '.join(model.QLORA_PROVIDERS)}",
     )
     add(
         "--gpu-spec",

@@ -279,3 +279,156 @@ class _AddmmLoRA(nn.Module):
 
     def forward(self, x):
         return _AddmmFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.s)
+
+
+# ======================================================================================================
+# QLoRA (issue 17). Appended block: opt-in providers with a 4-bit NF4 base weight (blocksize 64, double
+# quantisation), quantised from the case's W by bitsandbytes where it is installed, else random nibbles and
+# scales of W's magnitude (the same bytes to move: values do not change the speed of a dequantisation).
+#
+#     qlora       — ours: LoRALinear4bit (dequantise into the shared scratch, fused GEMM + LoRA epilogue;
+#                   dequantise again for dX)
+#     peft-qlora  — PEFT's lora.bnb.Linear4bit over bitsandbytes' Linear4bit, unpatched (needs bitsandbytes)
+#     dequant     — the dequantisation kernel alone, once per direction (as a QLoRA layer runs it): compare
+#                   its time with the bandwidth floor, model_mb / the GPU's TB/s
+# ======================================================================================================
+
+
+def _quantized(case: Case, w: torch.Tensor):
+    """(QuantizedWeight, bitsandbytes Linear4bit or None) for the case's W [N, K]."""
+    from fused_lora.quant import NestedAbsmax, QuantizedWeight
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    if bnb is not None and case.device != "meta":
+        lin = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=case.dtype, quant_type="nf4",
+                                compress_statistics=True, device="cpu")  # fmt: skip
+        lin.weight = bnb.nn.Params4bit(w.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True)  # fmt: skip
+        lin = lin.to(case.device)
+        return QuantizedWeight.from_bnb(lin.weight), lin
+    T, dev = case.N * case.K, case.device
+    blocks = -(-T // 64)
+    if dev == "meta":
+        rnd = lambda *s, dtype: torch.empty(s, dtype=dtype, device=dev)
+        packed, codes = rnd((T + 1) // 2, dtype=torch.uint8), rnd(blocks, dtype=torch.uint8)
+        nested = NestedAbsmax(rnd(-(-blocks // 256), dtype=torch.float32), rnd(256, dtype=torch.float32), 256,
+                              rnd(1, dtype=torch.float32))  # fmt: skip
+    else:
+        g = torch.Generator().manual_seed(0)
+        packed = torch.randint(0, 256, ((T + 1) // 2,), dtype=torch.uint8, generator=g).to(dev)
+        codes = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=g).to(dev)
+        code2 = torch.linspace(-1, 1, 256).to(dev)
+        scale = float(w.float().abs().max()) if w.numel() else 1.0
+        nested = NestedAbsmax(torch.full((-(-blocks // 256),), scale / 2, device=dev), code2, 256,
+                              torch.full((1,), scale / 2, device=dev))  # fmt: skip
+    return QuantizedWeight(packed, codes, (case.N, case.K), "nf4", 64, case.dtype, nested), None
+
+
+class QLoRA(Fused):
+    name, impl = "qlora", "fused_lora LoRALinear4bit (our dequantisation + fused GEMM)"
+
+    def build(self, case, w):
+        from fused_lora import LoRALinear4bit
+
+        q, lin = _quantized(case, w["W"])
+        kwargs = dict(r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout, lora_dtype=case.adapter_dtype)
+        layer = (
+            LoRALinear4bit.from_linear4bit(lin, **kwargs)
+            if lin is not None
+            else LoRALinear4bit.from_quantized(q, **kwargs)
+        )
+        _load(layer.lora_A, w["A"]), _load(layer.lora_B, w["B"])
+        self.quantized, self.state = q, _state(q)
+        return layer
+
+    def expected(self) -> torch.Tensor:
+        """y in fp64 from the plain-PyTorch reference on the dequantised W (what the smoke run checks)."""
+        return _expected_4bit(self)
+
+
+class PeftQLoRA(Provider):
+    name = "peft-qlora"
+
+    def build(self, case, w):
+        try:
+            from peft.tuners.lora.bnb import Linear4bit
+        except ImportError as e:
+            raise NotApplicable(f"needs peft and bitsandbytes ({e})") from None
+        q, lin = _quantized(case, w["W"])
+        if lin is None:
+            raise NotApplicable("needs bitsandbytes and a real device (it quantises on the move there)")
+        self.impl = f"peft {__import__('peft').__version__} + bitsandbytes {__import__('bitsandbytes').__version__}"
+        self.quantized, self.state = q, _state(q)
+        kwargs = {"r": case.r, "lora_alpha": case.alpha}
+        if "config" in inspect.signature(Linear4bit.__init__).parameters:  # peft >= 0.18
+            from peft import LoraConfig
+
+            kwargs["config"] = LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout)
+        else:
+            kwargs["lora_dropout"] = case.dropout
+        layer = Linear4bit(lin, "default", **kwargs)
+        for adapters in (layer.lora_A, layer.lora_B):
+            adapters["default"].to(case.adapter_dtype)
+        _load(layer.lora_A["default"].weight, w["A"]), _load(layer.lora_B["default"].weight, w["B"])
+        return layer.train()
+
+    def expected(self) -> torch.Tensor:
+        return _expected_4bit(self)
+
+
+def _state(q) -> list[torch.Tensor]:
+    """A 4-bit weight's scales: its own state (like a parameter), not bytes kept for backward."""
+    n = q.nested
+    return [q.absmax, *((n.absmax, n.code, n.offset) if n is not None else ())]
+
+
+def _expected_4bit(prov: Provider) -> torch.Tensor:
+    from fused_lora.quant import dequantize_reference
+
+    w = dequantize_reference(prov.quantized, prov.case.dtype).double()
+    a, b = (p.detach().double() for p in prov.module.parameters() if p.requires_grad)
+    if a.shape[1] != w.shape[1]:  # lora_B listed first
+        a, b = b, a
+    return reference.lora_linear(prov.x.detach().double(), w, a, b, prov.case.alpha / prov.case.r)
+
+
+class _DequantOnly(nn.Module):
+    def __init__(self, q) -> None:
+        super().__init__()
+        self.q = q
+        self.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    def forward(self, x):
+        with fused_lora.use_backend("triton"):
+            return self.q.dequantize(self.q.dtype, out=self.out)
+
+
+class Dequant(Provider):
+    name, impl = "dequant", "fused_lora 4-bit dequantisation kernel alone (NF4, bs 64, nested)"
+
+    def build(self, case, w):
+        q, _ = _quantized(case, w["W"])
+        return _DequantOnly(q)
+
+    def trainable(self) -> list[torch.Tensor]:
+        return []
+
+    def backward(self) -> None:  # a QLoRA layer's backward dequantises once more (x.grad: zero, for readers)
+        self.module(self.x)
+        if self.x.grad is None:
+            self.x.grad = torch.zeros_like(self.x)
+
+    def expected(self) -> torch.Tensor:
+        from fused_lora.quant import dequantize_reference
+
+        return dequantize_reference(self.module.q).double()
+
+    def fwdbwd(self) -> None:
+        self.module(self.x)
+        self.module(self.x)
+
+
+PROVIDER_CLASSES |= {p.name: p for p in (QLoRA, PeftQLoRA, Dequant)}

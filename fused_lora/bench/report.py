@@ -210,8 +210,10 @@ def render(rows: list[dict], notes: str | None = None) -> str:
         "",
         "Measured with `saved_tensors_hooks` on real autograd (meta device when no GPU), parameters and x "
         "itself excluded. fused keeps xa in fp32 (twice PEFT's bf16 [M, r] at p = 0, a fraction of a MB at "
-        "r = 16); with dropout PEFT keeps a dropped copy of x and its mask — the mask counts 2 bytes per "
-        "element on the meta device and 1 byte on CUDA (native dropout's bool mask), so ~101 MB there.",
+        "r = 16); with dropout PEFT keeps a dropped copy of x and its mask, which CUDA stores as bool (1 byte "
+        "per element: native dropout) and the CPU in x's dtype. The meta-device rows are measured with "
+        "dropout dispatched as on CUDA (`fused_lora.bench.measure.cuda_dropout`), so they are a GPU run's "
+        "figures (rows written before that change counted the CPU's 2-byte mask: ~134 MB, not ~101 MB).",
         "",
         *saved_table(rows),
     ]

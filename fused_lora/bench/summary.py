@@ -42,6 +42,17 @@ def _mode(rows: list[dict]) -> str:
     return "fwdbwd" if "fwdbwd" in modes else next(m for m in ("fwd", "bwd") if m in modes)
 
 
+def _table(title: str, providers: list[str], dropouts: list[float], cell) -> list[str]:
+    """A title, then one line per provider with a column per dropout: short lines (a terminal's width),
+    where one line per dropout listing every provider ran to 300 characters."""
+    cells = {(n, p): cell(n, p) for n in providers for p in dropouts}
+    width = {p: max(len(f"p={p:g}"), *(len(cells[n, p]) for n in providers)) for p in dropouts}
+    name_w = max(len("provider"), *(len(n) for n in providers))
+    head = "    " + "provider".ljust(name_w) + "".join("  " + f"p={p:g}".rjust(width[p]) for p in dropouts)
+    body = ["    " + n.ljust(name_w) + "".join("  " + cells[n, p].rjust(width[p]) for p in dropouts) for n in providers]
+    return [f"  {title}:", head, *body]
+
+
 def offline(rows: list[dict], checks: list[dict], gpu_name: str, providers: list[str]) -> list[str]:
     """Summary of a run without a GPU: the smoke run's verdict, saved bytes, modelled times."""
     results = [c["result"] for c in checks]
@@ -55,25 +66,23 @@ def offline(rows: list[dict], checks: list[dict], gpu_name: str, providers: list
         return lines
     lines.append(_case_line(rows, case))
     dropouts = sorted({r["dropout"] for r in rows})
-    for p in dropouts:
-        by = _pick(rows, case, mode="saved", dropout=p)
-        cells = [
-            f"{n} {by[n]['saved_mb']:.2f} MB" if by.get(n, {}).get("saved_mb") is not None else f"{n} n/a"
-            for n in providers
-        ]
-        lines.append(f"  bytes kept for backward (measured, meta device), dropout {p:g}: " + " | ".join(cells))
+    saved = {p: _pick(rows, case, mode="saved", dropout=p) for p in dropouts}
+
+    def saved_cell(n: str, p: float) -> str:
+        mb = saved[p].get(n, {}).get("saved_mb")
+        return "n/a" if mb is None else f"{mb:.2f}"
+
+    title = "bytes kept for backward, MB (measured: meta device, dropout's mask stored as on CUDA)"
+    lines += _table(title, providers, dropouts, saved_cell)
     mode = _mode([r for r in rows if r.get("mode") != "saved"])
-    for p in dropouts:
-        by = _pick(rows, case, mode=mode, dropout=p)
-        cells = [
-            f"{n} {by[n]['model_ms']:.3f} ms ({by[n]['model_ratio_to_floor']:.2f}x floor)" if n in by else f"{n} n/a"
-            for n in providers
-        ]
-        lines.append(
-            f"  MODELLED {MODE_NAMES[mode]} on an {gpu_name} (roofline, not measured), dropout {p:g}: "
-            + " | ".join(cells)
-        )
-    return lines
+    timed = {p: _pick(rows, case, mode=mode, dropout=p) for p in dropouts}
+
+    def model_cell(n: str, p: float) -> str:
+        r = timed[p].get(n)
+        return "n/a" if r is None else f"{r['model_ms']:.3f} ({r['model_ratio_to_floor']:.2f}x)"
+
+    title = f"MODELLED {MODE_NAMES[mode]} on an {gpu_name}, ms (x floor): a roofline, not measured"
+    return lines + _table(title, providers, dropouts, model_cell)
 
 
 def measured(rows: list[dict], providers: list[str]) -> list[str]:
@@ -81,19 +90,18 @@ def measured(rows: list[dict], providers: list[str]) -> list[str]:
     case = headline(rows)
     if case is None:
         return []
-    lines = [_case_line(rows, case)]
     mode = _mode(rows)
-    for p in sorted({r["dropout"] for r in rows}):
-        by = _pick(rows, case, mode=mode, dropout=p)
-        cells = []
-        for n in providers:
-            r = by.get(n, {})
-            if not r.get("ms"):
-                cells.append(f"{n} n/a")
-                continue
-            extra = [f"{r['ratio_to_floor']:.2f}x floor"] if r.get("ratio_to_floor") else []
-            if n != "peft" and r.get("speedup_vs_peft"):
-                extra.append(f"{r['speedup_vs_peft']:.2f}x faster than peft")
-            cells.append(f"{n} {r['ms']:.3f} ms" + (f" ({', '.join(extra)})" if extra else ""))
-        lines.append(f"  measured {MODE_NAMES[mode]}, dropout {p:g}: " + " | ".join(cells))
-    return lines
+    dropouts = sorted({r["dropout"] for r in rows})
+    by = {p: _pick(rows, case, mode=mode, dropout=p) for p in dropouts}
+
+    def cell(n: str, p: float) -> str:
+        r = by[p].get(n, {})
+        if not r.get("ms"):
+            return "n/a"
+        extra = [f"{r['ratio_to_floor']:.2f}x"] if r.get("ratio_to_floor") else []
+        if n != "peft" and r.get("speedup_vs_peft"):
+            extra.append(f"{r['speedup_vs_peft']:.2f}x peft")
+        return f"{r['ms']:.3f}" + (f" ({', '.join(extra)})" if extra else "")
+
+    title = f"measured {MODE_NAMES[mode]}, ms (x floor, x faster than peft)"
+    return [_case_line(rows, case), *_table(title, providers, dropouts, cell)]

@@ -52,7 +52,7 @@ def measure_case(
             if progress is not None:
                 progress.update()
             continue
-        exclude = [*prov.module.parameters(), prov.x]
+        exclude = [*prov.module.parameters(), prov.x, *getattr(prov, "state", ())]  # state: a 4-bit W's scales
         saved = nbytes(saved_for_backward(prov.forward, exclude))  # also leaves prov.y for "bwd"
         peak = peak_bytes(prov.fwdbwd, torch.device(case.device))
         for mode in modes:

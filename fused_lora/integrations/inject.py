@@ -38,11 +38,12 @@ from ..conv import Conv1d, Conv2d, Conv3d, _ConvLoRA
 from ..distributed import full, is_dtensor, reshard_all
 from ..embedding import Embedding
 from ..layer import LoRALinear
+from ..qlora import MERGE_4BIT_REFUSED, LoRALinear4bit, is_linear4bit
 from ..validation import check_dropout, check_rank
 from .module_tree import all_or_nothing, get_module, named_modules, unwrap
 
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_LAYERS = (LoRALinear, Embedding, _ConvLoRA)
+LORA_LAYERS = (LoRALinear, Embedding, _ConvLoRA, LoRALinear4bit)
 _CONVS = ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d))
 ADAPTABLE = "an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
 
@@ -52,6 +53,8 @@ def lora_class(module: nn.Module) -> type | None:
     qualify only if they keep the base class's forward."""
     if isinstance(module, LORA_LAYERS):
         return None
+    if is_linear4bit(module):  # bitsandbytes' Linear4bit (an nn.Linear subclass): QLoRA
+        return LoRALinear4bit
     if isinstance(module, nn.Linear):
         return LoRALinear
     if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
@@ -69,6 +72,8 @@ def wrap_module(module: nn.Module, r: int, lora_alpha: float, lora_dropout: floa
     common = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=merge_weights, lora_dtype=lora_dtype)
     if cls is LoRALinear:
         return LoRALinear.from_linear(module, lora_dropout=lora_dropout, **common)
+    if cls is LoRALinear4bit:
+        return LoRALinear4bit.from_linear4bit(module, lora_dropout=lora_dropout, **common)
     if cls is Embedding:
         return Embedding.from_embedding(module, **common)
     if cls is not None:
@@ -321,6 +326,9 @@ def merge_lora(model: nn.Module) -> int:
     before anything is merged, if a LoRA layer's weight is shared with another module (tied weights)."""
     _refuse_shared(shared_weights(model), "merge_lora")
     reshard_all(model)
+    four_bit = [n for n, m in lora_layers(model) if isinstance(m, LoRALinear4bit) and m._has_lora()]
+    if four_bit:  # refused before anything is merged
+        raise ValueError(f"merge_lora: {', '.join(four_bit[:4])} are 4-bit (QLoRA) layers; {MERGE_4BIT_REFUSED}")
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.merge()

@@ -77,6 +77,7 @@ class LayerKind:
     paths: list[AdapterPath]
     call_ok: Callable[[nn.Module, torch.Tensor, tuple, dict], bool] = plain_call
     adapters: Callable[[nn.Module], list[str]] = lambda layer: list(layer.lora_A.keys())
+    make_fused: Callable[[], type] | None = None  # a kind whose fused class, with its own forward, is made elsewhere
     _fused: type | None = field(default=None, repr=False)
 
     def static_reason(self, layer) -> str | None:
@@ -109,7 +110,7 @@ class LayerKind:
     def fused_class(self) -> type:
         """PEFT's class with the dispatching forward (made once; importable from peft_patch by name)."""
         if self._fused is None:
-            self._fused = _make_fused(self)
+            self._fused = self.make_fused() if self.make_fused is not None else _make_fused(self)
         return self._fused
 
 
@@ -154,7 +155,10 @@ def kind_for_class(cls: type) -> LayerKind | None:
 
 def fused_class_named(name: str) -> type | None:
     kind = next((k for k in _KINDS.values() if k.fused_name == name), None)
-    return kind.fused_class() if kind is not None else None
+    try:
+        return kind.fused_class() if kind is not None else None
+    except ImportError:  # a kind for an optional package that is not installed
+        return None
 
 
 def _make_fused(kind: LayerKind) -> type:

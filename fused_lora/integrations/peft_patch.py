@@ -16,7 +16,8 @@ layer's own parameters:
   W + s·B·A, :func:`fused_lora.conv_function.lora_conv` (peft_convolution);
 - ``adalora.SVDLinear`` / ``SVDConv2d``: A⊙E·s/(ranknum + 1e-5) formed per step, then ``lora_linear`` /
   ``lora_conv`` (peft_adalora);
-- ``lora.MultiheadAttention``: the merged weights formed once per call, no merge/unmerge (peft_mha).
+- ``lora.MultiheadAttention``: the merged weights formed once per call, no merge/unmerge (peft_mha);
+- ``lora.bnb.Linear4bit`` (QLoRA): ``lora_linear`` on the 4-bit weight (peft_qlora, its own fused class).
 
 Nothing else changes: parameter names, ``state_dict``, ``save_pretrained`` / ``from_pretrained``, adapter
 switching, merging and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass
@@ -42,10 +43,31 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from . import peft_adalora, peft_convolution, peft_linear, peft_mha, peft_param  # noqa: F401  (register the kinds)
-from .peft_kinds import fused_class_named, kind_for_class, kinds, peft_lora
+from . import peft_adalora, peft_convolution, peft_linear, peft_mha, peft_param, peft_qlora  # noqa: F401
+from .peft_kinds import AdapterPath, LayerKind, fused_class_named, kind_for_class, kinds, peft_lora, register_kind
 
 log = logging.getLogger("fused_lora")
+
+
+def _peft_linear4bit() -> type:
+    cls = peft_qlora.peft_linear4bit()
+    if cls is None:
+        raise ImportError("PEFT's lora.bnb.Linear4bit needs peft and bitsandbytes")
+    return cls
+
+
+# QLoRA (peft_qlora): its fused class has its own forward and per-call checks; every adapter its static check
+# admits has a path
+register_kind(
+    LayerKind(
+        name="lora.Linear4bit",
+        peft_class=_peft_linear4bit,
+        fused_name="FusedLoraLinear4bit",
+        base_reason=peft_qlora.static_reason,
+        paths=[AdapterPath("QLoRA", lambda layer, adapter: None, lambda *a, **k: None)],
+        make_fused=peft_qlora.fused_linear4bit_class,
+    )
+)
 
 
 @dataclass
