@@ -37,11 +37,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import sharing
 from .distributed import full, is_dtensor, local_block
-from .function import lora_linear
+from .function import linear, lora_linear
 from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget, delta_product
 from .validation import check_alpha, check_dropout, check_flag, check_lora_dtype, check_rank
 
@@ -190,7 +189,7 @@ class LoRALinear(ExactMerge, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
-            return F.linear(x, self._weight_nk(), self.bias)
+            return linear(x, self._weight_nk(), self.bias)  # not a view: FSDP2's hooks hang on the output
         return lora_linear(
             x, self._weight_nk(), self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_dropout_p, self.training
         )

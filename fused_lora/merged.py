@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distributed import full
-from .function import lora_linear
+from .function import linear, lora_linear
 from .layer import LoRALinear
 from .validation import check_alpha, check_flag, check_rank, is_bool
 
@@ -187,7 +187,7 @@ class MergedLinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._has_lora() or self.merged:
-            return F.linear(x, self._weight_nk(), self.bias)
+            return linear(x, self._weight_nk(), self.bias)  # not a view: FSDP2's hooks hang on the output
         return lora_linear(
             x, self._weight_nk(), self.lora_A, self.block_b(), self.scaling, self.bias, self.lora_dropout_p,
             self.training, groups=(self.group_n, self.group_bounds),

@@ -79,7 +79,7 @@ def check_rank(r) -> int:
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def check_alpha(lora_alpha, r: int = 0, use_rslora: bool = False) -> int | float:
+def check_alpha(lora_alpha, r: int = 0, use_rslora: bool = False, name: str = "lora_alpha") -> int | float:
     """lora_alpha: a finite real number (an int stays an int; numpy scalars and one-element tensors are
     read as numbers, as loralib's arithmetic takes them), whose scaling lora_alpha / r (/ √r with rsLoRA)
     is within float32's range when r > 0. loralib fails at construction on a string or None (computing
@@ -87,20 +87,20 @@ def check_alpha(lora_alpha, r: int = 0, use_rslora: bool = False) -> int | float
     v = lora_alpha
     if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex():
         if v.requires_grad or v.device.type == "meta":
-            raise TypeError("lora_alpha must be a number: a tensor that requires grad (or a meta tensor) is not one")
+            raise TypeError(f"{name} must be a number: a tensor that requires grad (or a meta tensor) is not one")
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"lora_alpha must be a real number (int or float), got {_brief(lora_alpha)}")
+        raise TypeError(f"{name} must be a real number (int or float), got {_brief(lora_alpha)}")
     v = int(v) if isinstance(v, numbers.Integral) else float(v)
     try:
         finite = math.isfinite(v)
     except OverflowError:  # an int beyond float's range
         finite = False
     if not finite:
-        raise ValueError(f"lora_alpha must be finite and within float32's range, got {_brief(lora_alpha)}")
+        raise ValueError(f"{name} must be finite and within float32's range, got {_brief(lora_alpha)}")
     if r > 0 and abs(v / (math.sqrt(r) if use_rslora else r)) > FP32_MAX:
         raise ValueError(
-            f"lora_alpha = {_brief(lora_alpha)} with r = {r} gives a scaling beyond float32's range "
+            f"{name} = {_brief(lora_alpha)} with r = {r} gives a scaling beyond float32's range "
             f"(|scaling| <= {FP32_MAX:.4g})"
         )
     return v

@@ -506,3 +506,25 @@ def test_operators_pass_torch_library_opcheck(case):
     _, op, args = next(c for c in _op_cases() if c[0] == case)
     result = torch.library.opcheck(op, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("case", ["LoRALinear r=0", "LoRALinear merged", "MergedLinear merged"])
+def test_plain_and_merged_paths_do_not_return_views(case):
+    """The r = 0 and merged forwards ran F.linear, whose output for a 3-D input with a bias is a view (an
+    in-place op then drops FSDP2's pre-backward hook); now fused_lora.function.linear. Failed before."""
+    x = torch.randn(2, 3, K, requires_grad=True)
+    if case == "LoRALinear r=0":
+        layer = fused_lora.LoRALinear(K, N, r=0)
+    elif case == "LoRALinear merged":
+        layer = fused_lora.LoRALinear(K, N, r=R, lora_alpha=2)
+        layer.merge()
+    else:
+        layer = fused_lora.MergedLinear(K, 6, r=2, enable_lora=[True, False, True])
+        layer.merge()
+    h = layer(x)
+    assert h._base is None and not h._is_view(), case
+    fired = []
+    h.register_hook(lambda g: fired.append(1))
+    h.mul_(2)
+    h.sum().backward()
+    assert fired and x.grad is not None, case

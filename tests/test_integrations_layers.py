@@ -1,6 +1,6 @@
 """The integrations beyond nn.Linear: inject_lora on embeddings and convolutions, loralib's helpers and
 state_dicts, merge_lora, PEFT's adapter files both ways (embeddings as they are, convolutions converted
-exactly), patch_peft_model serving PEFT's lora.Embedding."""
+exactly), patch_peft_model serving PEFT's lora.Embedding and convolutions."""
 
 from __future__ import annotations
 
@@ -278,9 +278,10 @@ def test_conv_factor_conversions_are_exact(k, dims):
     assert torch.equal(a4, a_p) and torch.equal(b4, b_p)
 
 
-def test_patch_serves_peft_embeddings(device):
-    """PEFT's lora.Embedding runs the fused kernel: outputs and LoRA gradients by the parity rule against
-    PEFT itself in float64; PEFT's convolutions stay on PEFT's forward, reported."""
+def test_patch_serves_peft_embeddings_and_convolutions(device):
+    """PEFT's lora.Embedding runs the fused kernel and its convolutions fused_lora's convolution path (one
+    convolution with W + s·B·A): outputs and LoRA gradients by the parity rule against PEFT itself in
+    float64."""
     model = peft_net().train()
     inputs = ids()
 
@@ -292,10 +293,10 @@ def test_patch_serves_peft_embeddings(device):
 
     ref64, same = step(copy.deepcopy(model).double()), step(model)
     report = fused_lora.patch_peft_model(model)
-    assert sorted(report.patched) == ["base_model.model.emb", "base_model.model.head"]
-    assert set(report.not_patched.values()) == {
-        f"{c} layer (convolutions stay on PEFT's forward)" for c in ("Conv1d", "Conv2d", "Conv3d")
-    }
+    assert sorted(report.patched) == [f"base_model.model.{n}" for n in sorted(TARGETS)] and not report.not_patched
+    assert {report.kinds[f"base_model.model.{n}"] for n in TARGETS} == {
+        "lora.Embedding", "lora.Conv1d", "lora.Conv2d", "lora.Conv3d", "lora.Linear"
+    }  # fmt: skip
     before = LAUNCHES.copy()
     got = step(model)
     launched = LAUNCHES - before
@@ -304,7 +305,7 @@ def test_patch_serves_peft_embeddings(device):
     assert got[1].keys() == same[1].keys()
     for n in got[1]:
         assert_close_to_ref(n, got[1][n], ref64[1][n], same[1][n])
-    assert fused_lora.unpatch_peft_model(model) == 2
+    assert fused_lora.unpatch_peft_model(model) == 5
     before = LAUNCHES.copy()
     step(model)
     assert LAUNCHES - before == {}
@@ -317,9 +318,9 @@ def test_patched_float64_model_goes_back_to_peft(device):
     inputs = ids(device)
     expected = model(inputs)
     report = fused_lora.patch_peft_model(model)
-    assert sorted(report.patched) == ["base_model.model.emb", "base_model.model.head"]
+    assert len(report.patched) == 5
     before = LAUNCHES.copy()
-    assert torch.equal(model(inputs), expected)
+    torch.testing.assert_close(model(inputs), expected, rtol=1e-12, atol=1e-12)  # convolutions: W + ΔW merged
     assert LAUNCHES - before == {}
 
 

@@ -25,7 +25,7 @@ def test_patched_layers_print_as_peft_does():
     before = repr(model)
     fused_lora.patch_peft_model(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert type(layer).__name__ == "FusedLoraLinear"
+    assert type(layer).__qualname__ == "FusedLoraLinear" and type(layer).__name__ == "Linear"  # PEFT's name
     assert repr(layer).startswith("lora.Linear(")
     assert repr(model) == before
 
@@ -38,7 +38,7 @@ def test_adapters_added_after_patching_run_fused(caplog, tmp_path, device):
         model.add_adapter("mlp", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"]))
     assert "after inject_adapter" in caplog.text and "2 PEFT LoRA layers patched" in caplog.text
     up = model.base_model.model.model.layers[1].mlp.up_proj
-    assert type(up).__name__ == "FusedLoraLinear"
+    assert type(up).__qualname__ == "FusedLoraLinear"
     randomize_lora(model, seed=4)
     model.set_adapter("mlp")
     ref = copy.deepcopy(model)
@@ -52,18 +52,18 @@ def test_adapters_added_after_patching_run_fused(caplog, tmp_path, device):
     other = peft_model(target_modules=["down_proj"])  # a saved adapter on yet other modules
     other.save_pretrained(tmp_path)
     model.load_adapter(tmp_path, adapter_name="down")
-    assert type(model.base_model.model.model.layers[0].mlp.down_proj).__name__ == "FusedLoraLinear"
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj).__qualname__ == "FusedLoraLinear"
 
     assert fused_lora.unpatch_peft_model(model) == 6
     assert "inject_adapter" not in model.base_model.__dict__  # PEFT's own method again
     model.add_adapter("after", peft.LoraConfig(r=2, target_modules=["k_proj"]))
-    assert type(model.base_model.model.model.layers[0].self_attn.k_proj).__name__ == "Linear"
+    assert type(model.base_model.model.model.layers[0].self_attn.k_proj).__qualname__ == "Linear"
 
 
 LOAD = """
 import sys, torch
 model = torch.load(sys.argv[1], weights_only=False)  # nothing imported by hand: pickle finds the classes
-classes = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("fused_lora")})
+classes = sorted({type(m).__qualname__ for m in model.modules() if type(m).__module__.startswith("fused_lora")})
 with torch.no_grad():
     logits = model(input_ids=torch.load(sys.argv[2])).logits
 torch.save({"classes": classes, "logits": logits}, sys.argv[3])

@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..validation import check_dropout, check_rank
-from .inject import check_alpha
+from ..validation import check_alpha, check_dropout, check_rank
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -161,7 +160,7 @@ def read_config(path: Path) -> AdapterConfig:
 
     def alpha(v, what):
         try:
-            check_alpha(v, what)
+            check_alpha(v, name=what)
         except TypeError as e:
             raise ValueError(str(e)) from None
 

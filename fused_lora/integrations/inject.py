@@ -24,8 +24,6 @@ the model is put back as it was (``module_tree.all_or_nothing``).
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from ..distributed import full, is_dtensor, reshard_all
 from ..embedding import Embedding
 from ..layer import LoRALinear
 from ..qlora import MERGE_4BIT_REFUSED, LoRALinear4bit, is_linear4bit
-from ..validation import check_dropout, check_rank
+from ..validation import check_alpha, check_dropout, check_flag, check_rank
 from .module_tree import all_or_nothing, get_module, named_modules, unwrap
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -180,26 +178,11 @@ def _module_listing(model: nn.Module, limit: int = 40) -> str:
     return f"nn.Linear: {linear[:limit]}; nn.Embedding / nn.ConvNd: {other[:limit]}; other modules: {rest[:limit]}"
 
 
-def check_alpha(lora_alpha, what: str = "lora_alpha") -> float:
-    """`lora_alpha` as given, if it is a finite real number (not a bool); else a TypeError / ValueError."""
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {lora_alpha!r}")
-    try:
-        finite = math.isfinite(lora_alpha)
-    except OverflowError:  # an int beyond float's range
-        finite = False
-    if not finite:
-        raise ValueError(f"{what} must be finite, got {lora_alpha!r}")
-    return lora_alpha
-
-
 def check_lora_settings(r, lora_alpha, lora_dropout, use_rslora) -> None:
     """The settings every new LoRA layer takes, checked before any is built."""
     check_rank(r)
-    check_alpha(lora_alpha)
+    check_alpha(lora_alpha, r if isinstance(r, int) else 0, check_flag(use_rslora, "use_rslora"))
     check_dropout(lora_dropout)
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
 
 
 def inject_lora(

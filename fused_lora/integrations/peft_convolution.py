@@ -1,0 +1,103 @@
+"""PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` on :func:`fused_lora.conv_function.lora_conv`.
+
+PEFT's lora_A is a convolution with the base's kernel size, stride and padding ([r, C, *k], dilation 1,
+no groups) and lora_B a 1×1 convolution ([N, r, 1, …]); lora_B(lora_A(x)) is conv(x, B·A) with
+B·A [N, C, *k] — W's shape — so without dropout the layer is one convolution with W + s·B·A (one addmm),
+and its backward takes the adapters' gradients without a weight-sized gradient (see conv_function). In
+training with p > 0 the low-rank path runs on the dropped input as PEFT's does (same mask for the same
+generator state). ``lora_bias``: lora_B's bias, times s, is folded into the convolution's bias.
+
+Served when PEFT's pair composes to a W-shaped delta; otherwise left on PEFT's forward, with the reason:
+groups > 1 (PEFT's lora_A is a dense convolution and lora_B grouped: their product is not W's grouped
+shape), a dilated base (PEFT's lora_A is not dilated), ``padding_mode`` other than zeros (lora_A pads
+with zeros), an asymmetric ``padding='same'``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..conv_function import conv_padding, lora_conv
+from .peft_kinds import AdapterPath, LayerKind, hooked, peft_lora, register_kind, variant_reason
+from .peft_linear import dropout_reason, lora_bias
+
+_TORCH_CONV = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+
+
+def conv_base_reason(base: nn.Module, conv_cls: type) -> str | None:
+    """A base convolution that lora_conv can run as the base's own forward would."""
+    if not isinstance(base, conv_cls) or type(base).forward is not conv_cls.forward:
+        return f"custom convolution base layer ({type(base).__name__})"
+    if not base.weight.is_floating_point():
+        return f"quantized convolution base layer ({base.weight.dtype})"
+    if hooked(base):
+        return "base layer has forward hooks (e.g. accelerate offloading)"
+    if base.groups != 1:
+        return "grouped convolution (groups > 1): the adapter's delta is not of W's grouped shape"
+    if base.padding_mode != "zeros":
+        return f"padding_mode={base.padding_mode!r} (the low-rank path pads with zeros)"
+    try:
+        conv_padding(base.padding, base.kernel_size, base.stride, base.dilation)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _base_reason(layer) -> str | None:
+    base = layer.get_base_layer()
+    why = conv_base_reason(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)[layer._kernel_dim - 3])
+    if why is None and any(d != 1 for d in base.dilation):
+        return "dilated convolution (PEFT's lora_A is not dilated)"
+    return why
+
+
+def _ones(n: int) -> tuple[int, ...]:
+    return (1,) * n
+
+
+def _reason(layer, adapter: str) -> str | None:
+    why = variant_reason(layer, adapter) or dropout_reason(layer, adapter)
+    if why is not None:
+        return why
+    base, a, b = layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter]
+    d = base.weight.dim() - 2
+    same = (a.kernel_size, a.stride, a.padding) == (base.kernel_size, base.stride, base.padding)
+    plain_a = a.dilation == _ones(d) and a.groups == 1 and a.padding_mode == "zeros" and a.bias is None
+    one_b = (b.kernel_size, b.stride, b.dilation, b.groups) == (_ones(d), _ones(d), _ones(d), 1)
+    if not (type(a) is type(b) is type(base) and same and plain_a and one_b and b.padding in ((0,) * d, "valid")):
+        return "lora_A / lora_B are not the convolution pair PEFT builds"
+    return None
+
+
+def _servable(layer, adapter: str, x: torch.Tensor) -> bool:
+    w, a, b = layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    dev = x.device.type
+    autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+    return x.dim() == w.dim() and a.dtype == b.dtype and (autocast or x.dtype == w.dtype)
+
+
+def _forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    base, dropout, scaling = layer.get_base_layer(), layer.lora_dropout[adapter], layer.scaling[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    B = B.view(B.shape[0], B.shape[1])  # [N, r, 1, …] -> [N, r]
+    bias = lora_bias(layer, adapter, base.bias, scaling)
+    return lora_conv(
+        x, base.weight, A, B, scaling, bias, p, dropout.training,
+        stride=base.stride, padding=base.padding, dilation=base.dilation,
+    )  # fmt: skip
+
+
+CONVS = [
+    register_kind(
+        LayerKind(
+            name=f"lora.{name}",
+            peft_class=lambda name=name: getattr(peft_lora(), name),
+            fused_name=f"FusedLora{name}",
+            base_reason=_base_reason,
+            paths=[AdapterPath("LoRA", _reason, _forward, _servable)],
+        )
+    )
+    for name in _TORCH_CONV
+]
