@@ -41,10 +41,11 @@
 # stages after it need), a stage left less than its minimum is skipped and says so, and timeout's 10 s
 # kill grace keeps the worst case under 450 s, inside 8 minutes.
 #   prologue     nvidia-smi, versions, pip install -e . (no build)                                 est. 15 s
-#   tests-bf16   60 tests, FUSED_LORA_AUTOTUNE=0 (one configuration per variant, not timed): ~35 distinct
-#                kernel variants (rank buckets 16/64/128 x dtypes x bias x dropout x kernels, both tile
-#                paths, the hybrid's kernel), each compiled once (~1.5-3 s), spread over 12 xdist workers;
-#                worker start-up (torch, CUDA context) ~15 s                         cap 120 s, est. 60-90 s
+#   tests-bf16   62 tests, FUSED_LORA_AUTOTUNE=0 (one configuration per variant, not timed): ~65 distinct
+#                kernel variants (the odd-shape test alone: shrink 12 = rank buckets 16/64/128 x 2 dtypes x
+#                dropout, forward GEMM 4, dX GEMM 4, grad 8; then the pointer path, the hybrid's kernel,
+#                ranks 100, embedding, QLoRA), each compiled once (~1.5-3 s) by whichever of 12 xdist
+#                workers needs it first; worker start-up (torch, CUDA context) ~15 s  cap 120 s, est. 60-90 s
 #   tests-rest   11 tests; the longest: the auto-timing test tunes a bf16 layer (AUTOTUNE on: shrink 11 +
 #                GEMM 11 + low-rank 3 forward, grad 8 + GEMM 11 + low-rank 3 backward = 47 compiles in
 #                one worker, ~70-100 s), torch.compile reduce-overhead (inductor, ~40 s)  cap 110 s, per

@@ -26,6 +26,7 @@ backward produces dX and the adapters' gradients.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,7 @@ def make_weights(case: DecoderCase, seed: int = 0) -> dict:
         t = t * 2 - 1 if uniform else t
         return (t * std).to(dtype)
 
-    meta = base_layer(DecoderCase(**{**case.__dict__, "device": "meta"}), {})
+    meta = base_layer(dataclasses.replace(case, device="meta"), {})
     layer = {
         name: torch.ones(p.shape, device=dev, dtype=case.dtype) if name.endswith("norm.weight") and dev != "meta"
         else rnd(tuple(p.shape), case.dtype, p.shape[-1] ** -0.5, uniform=True)
