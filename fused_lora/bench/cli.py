@@ -2,9 +2,10 @@
 or ``--help``).
 
 On a CUDA GPU: the measured sweep. Without one: the smoke run, the saved-bytes table and the modelled
-table. Either way the terminal gets a progress bar and a short summary; the rows are appended to the
-results file (JSON lines, with GPU, versions, date and commit in each), the full tables and the plots are
-written beside it. By default that is ``bench/results/local/``, which git ignores.
+table. ``--case decoder`` does the same for a whole Llama-3-8B decoder layer (fused_lora/bench/decoder.py).
+Either way the terminal gets a progress bar and a short summary; the rows are appended to the results
+file (JSON lines, with GPU, versions, date and commit in each), the full tables and the plots are written
+beside it. By default that is ``bench/results/local/``, which git ignores.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def cases(ns, device: str) -> list[Case]:
                 for p in ns.dropout:
                     out.append(Case(shape, M, K, N, r, dtype, adapter, p, device))
     return out
+
+
+def decoder_cases(ns, device: str) -> list:
+    from .decoder_run import cases as make
+
+    dtype = TORCH_DTYPES[ns.dtype]
+    return make(ns.tokens, ns.seq_len, ns.ranks, dtype, TORCH_DTYPES[ns.adapter_dtype], ns.dropout, device)
 
 
 def environment() -> dict:
@@ -104,25 +112,42 @@ def main(argv: list[str] | None = None) -> int:
     progress = not ns.no_progress
     print(f"fused_lora benchmark — GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, ", end="")
     print(f"commit {env['commit']}")
+    decoder = ns.case == "decoder"
+    suffix = "-decoder" if decoder else ""
     if has_gpu:
-        from .sweep import run_sweep
-
-        out = Path(ns.out or f"{RESULTS_DIR}/{_slug(env['gpu'])}.jsonl")
+        out = Path(ns.out or f"{RESULTS_DIR}/{_slug(env['gpu'])}{suffix}.jsonl")
         sink = lambda case_rows: _append(case_rows, out)
-        rows, sections = run_sweep(cases(ns, "cuda"), ns.providers, ns.modes, gpu, env, ns.rep, progress, sink)
-        lines = summary.measured(rows, ns.providers)
+        if decoder:
+            from .decoder_run import run_measured
+
+            rows, sections = run_measured(decoder_cases(ns, "cuda"), ns.providers, ns.modes, gpu, env, ns.rep, progress,
+                                          sink)  # fmt: skip
+        else:
+            from .sweep import run_sweep
+
+            rows, sections = run_sweep(cases(ns, "cuda"), ns.providers, ns.modes, gpu, env, ns.rep, progress, sink)
+        lines = summary.measured(rows, ns.providers, memory=decoder)
         kind = "measured"
     else:
-        from .offline import run_offline
-
-        message = (
-            "No CUDA GPU here: speed needs one. Running instead: a smoke run through Triton's interpreter "
-            "(correctness only, NO speed claims), the bytes each provider keeps for backward at full size, "
-            f"and the MODELLED (roofline) time of every provider on an {gpu.name}."
+        what = (
+            "a smoke run of a tiny decoder layer on the CPU (ours through Triton's interpreter, fused and PEFT "
+            "checked against fp64 on the same weights; NO speed claims), the bytes each provider keeps for "
+            "backward at full size (Llama-3-8B's layer), and the MODELLED (roofline) time of the layer"
+            if decoder
+            else "a smoke run through Triton's interpreter (correctness only, NO speed claims), the bytes each "
+            "provider keeps for backward at full size, and the MODELLED (roofline) time of every provider"
         )
-        print(textwrap.fill(message, width=100))
-        out = Path(ns.out or f"{RESULTS_DIR}/no-gpu.jsonl")
-        rows, checks, sections = run_offline(cases(ns, "meta"), ns.providers, ns.modes, gpu, env, progress)
+        print(textwrap.fill(f"No CUDA GPU here: speed needs one. Running instead: {what} on an {gpu.name}.", width=100))
+        out = Path(ns.out or f"{RESULTS_DIR}/no-gpu{suffix}.jsonl")
+        if decoder:
+            from .decoder_run import run_offline as offline_run
+
+            run_cases = decoder_cases(ns, "meta")
+        else:
+            from .offline import run_offline as offline_run
+
+            run_cases = cases(ns, "meta")
+        rows, checks, sections = offline_run(run_cases, ns.providers, ns.modes, gpu, env, progress)
         lines = summary.offline(rows, checks, gpu.name, ns.providers)
         kind = "saved bytes and modelled times"
         _append(rows, out)

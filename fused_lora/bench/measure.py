@@ -52,6 +52,36 @@ def cuda_dropout() -> Iterator[None]:
         F.dropout = original
 
 
+@contextlib.contextmanager
+def cuda_attention() -> Iterator[None]:
+    """Inside: ``F.scaled_dot_product_attention`` on the meta device runs as a CUDA flash-attention kernel
+    does, so that what autograd keeps is what a GPU run keeps.
+
+    On the CPU and the meta device SDPA without a mask may take the math path, which keeps the
+    [batch, heads, seq, seq] scores and probabilities for backward (GBs at seq 2048); CUDA's flash
+    attention (which takes grouped-query key/value heads as they are) keeps q, k, v, the output, an fp32
+    logsumexp [batch, heads, seq] and its RNG state. A meta call without a mask, dropout or a custom
+    scale shape is routed to ``aten._scaled_dot_product_flash_attention``; any other call is left alone.
+    (transformers calls SDPA through the module attribute, which is what is replaced.)"""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "meta" or attn_mask is not None:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)  # fmt: skip
+        if key.shape[-3] != query.shape[-3] and not enable_gqa:
+            raise ValueError(f"query has {query.shape[-3]} heads, key {key.shape[-3]}: needs enable_gqa=True")
+        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                                 scale=scale)  # fmt: skip
+        return out[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def _shares_memory(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
     """t is one of `others` or a view of one. Meta tensors have no addresses: identity and view bases."""
     base = t

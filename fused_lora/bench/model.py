@@ -128,26 +128,39 @@ def _hybrid(M, K, N, r, e, ea, d):
 
 
 def _peft(M, K, N, r, e, ea, d):
-    """result = base(x) + lora_B(lora_A(dropout(x))) * scaling, and autograd's backward of it."""
+    """result = base(x) + lora_B(lora_A(dropout(x))) * scaling, and autograd's backward of it.
+
+    PEFT runs the low-rank path in the adapters' dtype: with fp32 adapters under bf16 activations (its
+    default, ``autocast_adapter_dtype``) it casts x to fp32 first, the term t is fp32, ``result + t``
+    promotes to fp32 and is cast back (``result.to(torch_result_dtype)``); backward casts the other way.
+    c = ea is the element size of that path; with c = e there are no casts."""
+    c, cast = ea, ea != e
     fwd = [_gemm("x·Wᵀ", M, N, K, e)]
+    if cast:
+        fwd.append(Pass("x.to(adapter dtype)", M * K, (e + c) * M * K))
     if d:
-        fwd.append(Pass("dropout (x_d, mask)", 0, e * M * K * 2 + M * K))
+        fwd.append(Pass("dropout (x_d, mask)", 0, c * M * K * 2 + M * K))
     fwd += [
-        _gemm("x_d·Aᵀ", M, r, K, e),
-        _gemm("xa·Bᵀ", M, N, r, e),
-        Pass("·scaling", M * N, 2 * e * M * N),
-        Pass("y + t", M * N, 3 * e * M * N),
+        _gemm("x_d·Aᵀ", M, r, K, c),
+        _gemm("xa·Bᵀ", M, N, r, c),
+        Pass("·scaling", M * N, 2 * c * M * N),
+        Pass("y + t", M * N, (e + 2 * c) * M * N),
     ]
-    bwd = [
+    if cast:
+        fwd.append(Pass("result.to(x dtype)", M * N, (c + e) * M * N))
+    bwd = [Pass("dY.to(adapter dtype), its grad back to x's", 2 * M * N, 2 * (e + c) * M * N)] if cast else []
+    bwd += [
         _gemm("dX = dY·W", M, K, N, e),
-        Pass("dt = dY·scaling", M * N, 2 * e * M * N),
-        _gemm("dB = dtᵀ·xa", N, r, M, e),
-        _gemm("dxa = dt·B", M, r, N, e),
-        _gemm("dA = dxaᵀ·x_d", r, K, M, e),
-        _gemm("dx_d = dxa·A", M, K, r, e),
+        Pass("dt = dY·scaling", M * N, 2 * c * M * N),
+        _gemm("dB = dtᵀ·xa", N, r, M, c),
+        _gemm("dxa = dt·B", M, r, N, c),
+        _gemm("dA = dxaᵀ·x_d", r, K, M, c),
+        _gemm("dx_d = dxa·A", M, K, r, c),
     ]
     if d:
-        bwd.append(Pass("dropout backward", M * K, e * M * K * 2 + M * K))
+        bwd.append(Pass("dropout backward", M * K, c * M * K * 2 + M * K))
+    if cast:
+        bwd.append(Pass("x.to() backward", M * K, (c + e) * M * K))
     bwd.append(Pass("dX += dx_d", M * K, 3 * e * M * K))
     return fwd, bwd
 
@@ -211,3 +224,94 @@ def _with_dequant(passes):
 
 
 _PASSES |= {"qlora": _with_dequant(_fused), "peft-qlora": _with_dequant(_peft), "dequant": _dequant}
+
+
+# ======================================================================================================
+# A whole decoder layer (issue 16). Appended block: a Llama decoder layer (RMSNorm, q/k/v/o with grouped-
+# query attention through SDPA, RMSNorm, SiLU-gated MLP, two residuals) with LoRA on all seven
+# projections. Each projection costs what the provider's linear model above says; the rest of the layer
+# is modelled the same for every provider, each operation at its fewest bytes (a fused implementation's
+# traffic: eager PyTorch moves more), attention at the tensor-core peak with causal masking halving its
+# FLOPs. Providers: fused_lora/bench/decoder.py.
+# ======================================================================================================
+
+DECODER_PROVIDERS = ("fused", "hybrid", "auto", "peft", "floor")
+_DECODER_LINEAR = {"fused": "fused", "hybrid": "hybrid", "auto": "fused", "peft": "peft", "floor": "floor"}
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """hidden H, query heads h, key/value heads h_kv, head size d, MLP width I, batch B, sequence S."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    batch: int
+    seq: int
+
+    @property
+    def M(self) -> int:
+        return self.batch * self.seq
+
+    def projections(self) -> list[tuple[str, int, int]]:
+        """(name, in K, out N) of the seven adapted projections."""
+        H, q, kv, I = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [("q", H, q), ("k", H, kv), ("v", H, kv), ("o", q, H), ("gate", H, I), ("up", H, I), ("down", I, H)]
+
+    def attention_flops(self, mode: str) -> float:
+        """Causal attention: S·S/2 scores per head; forward QKᵀ and PV (4·B·h·S²·d/2), backward 2.5× that
+        (the scores recomputed, then dV, dP, dQ, dK)."""
+        fwd = 2 * self.batch * self.heads * self.seq**2 * self.head_dim
+        return {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}[mode]
+
+
+def decoder_rest(d: DecoderDims, e: int) -> tuple[list[Pass], list[Pass]]:
+    """The layer's passes outside the seven projections, the same for every provider."""
+    M, H, I = d.M, d.hidden, d.intermediate
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    fwd = [
+        Pass("RMSNorm (input)", 4 * M * H, 2 * e * M * H),
+        Pass("rotary (q, k)", 3 * M * (q + kv), 2 * e * M * (q + kv)),
+        Pass("attention (SDPA, causal)", d.attention_flops("fwd"), e * M * (2 * q + 2 * kv)),
+        Pass("residual add", M * H, 3 * e * M * H),
+        Pass("RMSNorm (post-attention)", 4 * M * H, 2 * e * M * H),
+        Pass("SiLU(gate)·up", 5 * M * I, 3 * e * M * I),
+        Pass("residual add", M * H, 3 * e * M * H),
+    ]
+    bwd = [
+        Pass("SiLU(gate)·up backward", 10 * M * I, 5 * e * M * I),
+        Pass("dX sum (gate, up share their input)", M * H, 3 * e * M * H),
+        Pass("RMSNorm backward (post-attention)", 8 * M * H, 3 * e * M * H),
+        Pass("residual: dX sum", M * H, 3 * e * M * H),
+        Pass("attention backward", d.attention_flops("bwd"), e * M * (3 * q + 2 * kv) + e * M * (q + 2 * kv)),
+        Pass("rotary backward", 3 * M * (q + kv), 2 * e * M * (q + kv)),
+        Pass("dX sums (q, k, v share their input)", 2 * M * H, 6 * e * M * H),
+        Pass("RMSNorm backward (input)", 8 * M * H, 3 * e * M * H),
+        Pass("residual: dX sum", M * H, 3 * e * M * H),
+    ]
+    return fwd, bwd
+
+
+def decoder_passes(provider: str, mode: str, d: DecoderDims, r: int, e: int = 2, ea: int = 2,
+                   dropout: bool = False) -> list[Pass]:  # fmt: skip
+    """The passes of one decoder layer under `provider`: each projection's passes (named "q: ...", ...),
+    then the rest of the layer. `auto` is modelled as the fused GEMM (the roofline always prefers it)."""
+    fwd, bwd = [], []
+    for name, K, N in d.projections():
+        f, b = _PASSES[_DECODER_LINEAR[provider]](d.M, K, N, r, e, ea, dropout)
+        fwd += [Pass(f"{name}: {p.name}", p.flops, p.bytes) for p in f]
+        bwd += [Pass(f"{name}: {p.name}", p.flops, p.bytes) for p in b]
+    rest_fwd, rest_bwd = decoder_rest(d, e)
+    return {"fwd": fwd + rest_fwd, "bwd": bwd + rest_bwd, "fwdbwd": fwd + rest_fwd + bwd + rest_bwd}[mode]
+
+
+def decoder_flops(provider: str, mode: str, d: DecoderDims, r: int) -> float:
+    """The math a decoder layer must do (TFLOP/s divide this): the projections' (base and low-rank, or
+    base alone for the floor) and attention's; the elementwise work is not counted."""
+    gemms = sum(
+        floor_flops(mode, d.M, K, N) if provider == "floor" else useful_flops(mode, d.M, K, N, r)
+        for _, K, N in d.projections()
+    )
+    return gemms + d.attention_flops(mode)

@@ -11,10 +11,11 @@ import torch
 import fused_lora
 
 from . import model
-from .measure import cuda_dropout, nbytes, saved_for_backward
+from .measure import cuda_attention, cuda_dropout, nbytes, saved_for_backward
 from .progress import bar
 from .providers import Case, NotApplicable, build, make_weights
-from .tables import Column, modelled
+from .suite import LINEAR, Suite
+from .tables import Column
 
 SMOKE = [Case("smoke", 48, 40, 56, 8, torch.float32, torch.float32, p, "cpu") for p in (0.0, 0.1)]
 
@@ -81,23 +82,26 @@ def smoke(providers: list[str]) -> list[dict]:
     return out
 
 
-def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bool = True) -> list[dict]:
+def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bool = True,
+                suite: Suite = LINEAR) -> list[dict]:  # fmt: skip
     """Bytes kept for backward by one training forward, at full size, on the meta device, with dropout
-    dispatched as on CUDA (:func:`cuda_dropout`: a bool mask, not the CPU's mask in the activation dtype)."""
+    and attention dispatched as on CUDA (:func:`cuda_dropout`: a bool mask, not the CPU's mask in the
+    activation dtype; :func:`cuda_attention`: flash attention's q, k, v, output and logsumexp, not the
+    math path's scores)."""
     unique = list({(c.shape, c.M, c.r, c.dropout): c for c in cases}.values())
     rows = []
     pbar = bar(len(unique) * len(providers), "bytes kept for backward", progress)
     for case in unique:
-        w = make_weights(case)
+        w = suite.make_weights(case)
         for name in providers:
             row = {**env, **case.fields(), "provider": name, "mode": "saved", "speed_valid": False}
             try:
-                prov = build(name, case, w)
+                prov = suite.build(name, case, w)
             except NotApplicable as e:
                 rows.append({**row, "note": f"n/a: {e}"})
             else:
                 kept = [*prov.module.parameters(), prov.x, *getattr(prov, "state", ())]  # state: a 4-bit W's scales
-                with cuda_dropout():  # what a GPU run keeps: the dropout mask as CUDA stores it (bool)
+                with cuda_dropout(), cuda_attention():  # what a GPU run keeps (dropout's mask: bool)
                     saved = saved_for_backward(prov.forward, kept)
                 rows.append(
                     {
@@ -112,7 +116,8 @@ def memory_rows(cases: list[Case], providers: list[str], env: dict, progress: bo
     return rows
 
 
-def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict):
+def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict,
+               suite: Suite = LINEAR):  # fmt: skip
     """The roofline model of every (case, mode, provider), with ratios to the floor and speedups."""
     rows = []
     for case, mode in itertools.product(cases, modes):
@@ -123,7 +128,7 @@ def model_rows(cases: list[Case], providers: list[str], modes: list[str], gpu: m
                 "provider": name,
                 "mode": mode,
                 "speed_valid": False,
-                **modelled(case, name, mode, gpu),
+                **suite.modelled(case, name, mode, gpu),
             }
             for name in providers
         }

@@ -13,12 +13,17 @@ from . import model
 from .providers import SHAPES
 
 DTYPES = ("bf16", "fp16", "fp32")
+CASES = ("linear", "decoder")
 DEFAULT_RANKS = "1,4,8,16,32,64,128,256"
+DECODER_RANKS = "16"
+ALL_PROVIDERS = tuple(dict.fromkeys(model.PROVIDERS + model.QLORA_PROVIDERS + model.DECODER_PROVIDERS))
 RESULTS_DIR = "bench/results/local"  # ignored by git: a run never writes into tracked files
 
 DESCRIPTION = """\
 The main job: time per rank of a LoRA linear layer — fused_lora against PEFT's lora.Linear, Unsloth's
-cuBLAS addmm chain and the bare cuBLAS GEMM (the floor) — forward, backward and both.
+cuBLAS addmm chain and the bare cuBLAS GEMM (the floor) — forward, backward and both. With --case decoder:
+the time of a whole Llama-3-8B decoder layer with LoRA on its seven projections (fused_lora's fused,
+hybrid and auto, PEFT's get_peft_model, the bare layer as the floor): the gain per training step.
 
 On a CUDA GPU it measures the sweep (shapes x tokens x ranks x dropout x modes x providers). Without one
 it says so and runs what needs none: a tiny smoke run through Triton's interpreter (correctness only,
@@ -32,7 +37,9 @@ EPILOG = """\
 examples:
   python -m fused_lora.bench                                   # everything; results in bench/results/local/
   python -m fused_lora.bench --shapes attn-7b --ranks 16       # one case
-  python -m fused_lora.bench --out /tmp/run.jsonl --no-plots   # results elsewhere, no PNGs"""
+  python -m fused_lora.bench --out /tmp/run.jsonl --no-plots   # results elsewhere, no PNGs
+  python -m fused_lora.bench --case decoder --dropout 0,0.1     # a Llama-3-8B decoder layer, 4 x 2048 tokens
+  python -m fused_lora.bench --case decoder --tokens 2048,8192  # ... and a smaller M"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -110,10 +117,18 @@ def parser() -> argparse.ArgumentParser:
     )
     add = ap.add_argument
     add(
+        "--case",
+        default="linear",
+        choices=CASES,
+        help="linear: one LoRA projection, over --shapes and --ranks; decoder: a whole Llama-3-8B decoder layer "
+        "(q, k, v, o, gate, up, down adapted, attention through SDPA), M = --tokens as sequences of --seq-len",
+    )
+    add(
         "--shapes",
         type=names("shape", list(SHAPES)),
-        default=",".join(SHAPES),
-        help=f"layer shapes (in -> out features of real models), comma list of: {', '.join(SHAPES)}",
+        default=None,
+        help=f"linear case: layer shapes (in -> out features of real models), comma list of: {', '.join(SHAPES)} "
+        "(default: all)",
     )
     add(
         "--tokens",
@@ -121,19 +136,26 @@ def parser() -> argparse.ArgumentParser:
         default="8192",
         help="tokens per batch M, comma list",
     )
+    add(
+        "--seq-len",
+        type=positive_int,
+        default=2048,
+        help="decoder case: tokens per sequence; M tokens run as M / seq-len sequences (one of M when M is smaller)",
+    )
     add("--llama-tokens", action="store_true", help="also run attn-7b at M = 2048 and 16384")
     add(
         "--ranks",
         type=numbers("rank", int, lambda v: v >= 1, "ranks are integers >= 1"),
-        default=DEFAULT_RANKS,
-        help="LoRA ranks r, comma list",
+        default=None,
+        help=f"LoRA ranks r, comma list (default: {DEFAULT_RANKS}; {DECODER_RANKS} for the decoder case)",
     )
     add("--dtype", default="bf16", choices=DTYPES, help="activation and base-weight dtype")
     add(
         "--adapter-dtype",
         default=None,
         choices=DTYPES,
-        help="lora_A / lora_B dtype (default: the same as --dtype; PEFT's own default under 16-bit is fp32)",
+        help="lora_A / lora_B dtype (default: the same as --dtype for the linear case; fp32 for the decoder case, "
+        "PEFT's own default under 16-bit weights)",
     )
     add(
         "--dropout",
@@ -149,10 +171,12 @@ def parser() -> argparse.ArgumentParser:
     )
     add(
         "--providers",
-        type=names("provider", model.PROVIDERS + model.QLORA_PROVIDERS),
-        default=",".join(model.PROVIDERS),
-        help=f"implementations side by side (fused_lora/bench/providers.py says what each is), comma list of: "
-        f"{', '.join(model.PROVIDERS)}; opt-in (QLoRA, 4-bit base weights): {', '.join(model.QLORA_PROVIDERS)}",
+        type=names("provider", ALL_PROVIDERS),
+        default=None,
+        help=f"implementations side by side, comma list. Linear case (fused_lora/bench/providers.py says what each "
+        f"is): {', '.join(model.PROVIDERS)} (default: all of these); opt-in (QLoRA, 4-bit base weights): "
+        f"{', '.join(model.QLORA_PROVIDERS)}. Decoder case (fused_lora/bench/decoder.py): "
+        f"{', '.join(model.DECODER_PROVIDERS)} (default: all)",
     )
     add(
         "--gpu-spec",
@@ -165,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE.jsonl",
         help=f"results file, JSON lines, appended to; the tables (FILE-tables.txt) and plots (FILE-*.png) "
-        f"go beside it (default: {RESULTS_DIR}/<gpu name>.jsonl, or no-gpu.jsonl; ignored by git)",
+        f"go beside it (default: {RESULTS_DIR}/<gpu name>.jsonl, or no-gpu.jsonl; <...>-decoder.jsonl for the decoder "
+        "case; ignored by git)",
     )
     add("--rep", type=positive_int, default=100, help="time per measurement for triton's do_bench, ms (GPU only)")
     add("--no-plots", action="store_true", help="skip the PNGs (they need matplotlib)")
@@ -174,4 +199,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parser().parse_args(argv)
+    """The flags, with the per-case defaults filled in and the checks that span flags made (argparse
+    errors, as for a single flag)."""
+    ap = parser()
+    ns = ap.parse_args(argv)
+    decoder = ns.case == "decoder"
+    allowed = model.DECODER_PROVIDERS if decoder else model.PROVIDERS + model.QLORA_PROVIDERS
+    ns.providers = ns.providers or list(model.DECODER_PROVIDERS if decoder else model.PROVIDERS)
+    bad = [p for p in ns.providers if p not in allowed]
+    if bad:
+        ap.error(f"argument --providers: {', '.join(repr(b) for b in bad)} not a provider of the {ns.case} case; "
+                 f"choose from {', '.join(allowed)}")  # fmt: skip
+    if decoder and ns.shapes is not None:
+        ap.error("argument --shapes: the decoder case has one shape (Llama-3-8B's layer); it is for --case linear")
+    ns.shapes = ns.shapes or list(SHAPES)
+    ns.ranks = ns.ranks or [int(r) for r in (DECODER_RANKS if decoder else DEFAULT_RANKS).split(",")]
+    if decoder:
+        ns.adapter_dtype = ns.adapter_dtype or "fp32"
+        uneven = [M for M in ns.tokens if M % ns.seq_len and ns.seq_len < M]
+        if uneven:
+            ap.error(f"argument --tokens: {', '.join(map(str, uneven))} is not a whole number of sequences of "
+                     f"--seq-len {ns.seq_len}")  # fmt: skip
+    return ns

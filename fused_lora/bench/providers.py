@@ -7,7 +7,8 @@
     peft   — Hugging Face PEFT's own lora.Linear when peft is installed, else the same formula in plain
              PyTorch (fused_lora.reference); the row says which
     addmm  — Unsloth's cuBLAS chain: y = x@Wᵀ; y.addmm_(x@Aᵀ, Bᵀ, alpha=s), with the matching backward
-             (no dropout: Unsloth's fast path requires lora_dropout = 0)
+             (no dropout: Unsloth's fast path requires lora_dropout = 0); adapters in another dtype than x
+             (fp32 under bf16) are cast to x's for each step, as torch.autocast casts them
     floor  — the bare base GEMM(s) through cuBLAS: what the layer costs with no adapter at all
 
 The base weight is frozen and there is no bias (Llama's projections), x requires grad (every layer but
@@ -169,6 +170,8 @@ class Addmm(Provider):
     def build(self, case, w):
         if case.dropout > 0:
             raise NotApplicable("Unsloth's cuBLAS path requires lora_dropout = 0")
+        if case.adapter_dtype != case.dtype:
+            self.impl += ", adapters cast to x's dtype per step"
         return _AddmmLoRA(case, w)
 
 
@@ -271,14 +274,14 @@ class _AddmmLoRA(nn.Module):
     def __init__(self, case: Case, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.weight = nn.Parameter(w["W"].clone(), requires_grad=False)
-        if case.adapter_dtype != case.dtype:  # the chain runs in one dtype: cuBLAS has no mixed addmm
-            raise NotApplicable("the addmm chain needs adapters in the activations' dtype")
         self.lora_A = nn.Parameter(w["A"].clone())
         self.lora_B = nn.Parameter(w["B"].clone())
         self.s = case.alpha / case.r
 
     def forward(self, x):
-        return _AddmmFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.s)
+        # the chain runs in one dtype (cuBLAS has no mixed addmm): a no-op cast when the adapters are x's
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return _AddmmFunction.apply(x, self.weight, a, b, self.s)
 
 
 # ======================================================================================================

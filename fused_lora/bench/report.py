@@ -174,9 +174,58 @@ PROVIDER_TEXT = (
 )
 
 
+def is_decoder(row: dict) -> bool:
+    return str(row.get("shape", "")).startswith("decoder")
+
+
+def decoder_section(rows: list[dict]) -> list[str]:
+    """The whole-decoder-layer case (``--case decoder``): per provider and dropout, forward and
+    forward+backward time with its ratio to the bare layer, the speedup over PEFT, peak memory and bytes
+    kept for backward, at the largest M in the rows (measured where measured, else modelled)."""
+    if not rows:
+        return []
+    measured = any(r.get("speed_valid") for r in rows)
+    src = [r for r in rows if bool(r.get("speed_valid")) == measured or r["mode"] == "saved"]
+    M = max(r["M"] for r in src)
+    at = [r for r in src if r["M"] == M]
+    head = next(r for r in at if r.get("case_text"))
+    kind = "measured" if measured else "**MODELLED** (roofline, not measured)"
+    out = [
+        "",
+        f"## A whole decoder layer: {head['case_text']}",
+        "",
+        f"LoRA (r = {head['r']}) on q, k, v, o, gate, up, down; {head['dtype']} weights, adapters "
+        f"{head['adapter_dtype']} (`python -m fused_lora.bench --case decoder`, fused_lora/bench/decoder.py: "
+        "**fused** forces the fused GEMM, **auto** is the per-shape choice, **peft** is `get_peft_model` on the "
+        f"same transformers layer, **floor** the bare layer). Times: {kind}, ms.",
+        "",
+        "| provider | dropout | forward | x floor | fwd+bwd | x floor | peft / this | peak MB | saved MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted({r["dropout"] for r in at}):
+        key = {"shape": head["shape"], "M": M, "dropout": p}
+        t = lambda prov, mode, key=key: _time(at, measured, provider=prov, mode=mode, **key)
+        for prov in model.DECODER_PROVIDERS:
+            f, fb = t(prov, "fwd"), t(prov, "fwdbwd")
+            if f is None and fb is None:
+                continue
+            ff, fl, pe = t("floor", "fwd"), t("floor", "fwdbwd"), t("peft", "fwdbwd")
+            step = next((r for r in at if (r["provider"], r["dropout"], r["mode"]) == (prov, p, "fwdbwd")), {})
+            saved = next((r.get("saved_mb") for r in at if (r["provider"], r["dropout"]) == (prov, p)
+                          and r.get("saved_mb") is not None), None)  # fmt: skip
+            cells = [_fmt(f), _fmt(f / ff if f and ff else None), _fmt(fb), _fmt(fb / fl if fb and fl else None),
+                     _fmt(pe / fb if fb and pe else None, ".2f"), _fmt(step.get("peak_mb"), ".0f"),
+                     _fmt(saved, ".0f")]  # fmt: skip
+            out.append(f"| {prov} | {p:g} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(rows: list[dict], notes: str | None = None) -> str:
     """The page. `notes`: markdown written by whoever measured (what wins where, why, what would close
-    the gaps), placed after the targets; without it a modelled page gets the model's own reading."""
+    the gaps), placed after the targets; without it a modelled page gets the model's own reading. Rows of
+    the decoder case get their own section at the end."""
+    decoder = [r for r in rows if is_decoder(r)]
+    rows = [r for r in rows if not is_decoder(r)] or decoder
     measured = any(r.get("speed_valid") for r in rows)
     src = [r for r in rows if bool(r.get("speed_valid")) == measured] or rows
     head = src[0]
@@ -222,6 +271,7 @@ def render(rows: list[dict], notes: str | None = None) -> str:
     lines += ["", "## Time relative to the floor, per rank"]
     for mode in model.MODES:
         lines += ratio_tables(src, measured, mode)
+    lines += decoder_section(decoder)
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,8 @@ def _pick(rows: list[dict], case: tuple, **key) -> dict[str, dict]:
 
 def _case_line(rows: list[dict], case: tuple) -> str:
     row = next(r for r in rows if (r["shape"], r["M"], r["r"]) == case)
+    if row.get("case_text"):  # a case with more to it than K -> N (the decoder layer): two lines
+        return f"headline case: {row['case_text']}\n  r={case[2]}, {row['dtype']} (adapters {row['adapter_dtype']})"
     return (
         f"headline case: {case[0]}, M={case[1]}, K={row['K']} -> N={row['N']}, r={case[2]}, {row['dtype']} "
         f"(adapters {row['adapter_dtype']})"
@@ -85,8 +87,9 @@ def offline(rows: list[dict], checks: list[dict], gpu_name: str, providers: list
     return lines + _table(title, providers, dropouts, model_cell)
 
 
-def measured(rows: list[dict], providers: list[str]) -> list[str]:
-    """Summary of a GPU sweep: the headline case's measured times, ratios to the floor, speedups."""
+def measured(rows: list[dict], providers: list[str], memory: bool = False) -> list[str]:
+    """Summary of a GPU sweep: the headline case's measured times, ratios to the floor, speedups; with
+    `memory`, also its peak memory per training step and bytes kept for backward."""
     case = headline(rows)
     if case is None:
         return []
@@ -104,4 +107,12 @@ def measured(rows: list[dict], providers: list[str]) -> list[str]:
         return f"{r['ms']:.3f}" + (f" ({', '.join(extra)})" if extra else "")
 
     title = f"measured {MODE_NAMES[mode]}, ms (x floor, x faster than peft)"
-    return [_case_line(rows, case), *_table(title, providers, dropouts, cell)]
+    lines = [_case_line(rows, case), *_table(title, providers, dropouts, cell)]
+    if memory:
+
+        def mem_cell(n: str, p: float) -> str:
+            r = by[p].get(n, {})
+            return "n/a" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f} / {r['saved_mb']:.0f}"
+
+        lines += _table("measured peak MB of a training step / MB kept for backward", providers, dropouts, mem_cell)
+    return lines

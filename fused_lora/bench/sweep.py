@@ -10,8 +10,9 @@ import torch
 from . import model
 from .measure import nbytes, peak_bytes, saved_for_backward, time_ms
 from .progress import bar
-from .providers import Case, NotApplicable, build, make_weights
-from .tables import Column, modelled
+from .providers import Case, NotApplicable
+from .suite import LINEAR, Suite
+from .tables import Column
 
 COLUMNS: list[Column] = [
     ("M", "M", "d"),
@@ -34,9 +35,18 @@ COLUMNS: list[Column] = [
 
 
 def measure_case(
-    case: Case, providers: list[str], modes: list[str], gpu: model.GPUSpec, env: dict, rep: int, progress=None
+    case: Case,
+    providers: list[str],
+    modes: list[str],
+    gpu: model.GPUSpec,
+    env: dict,
+    rep: int,
+    progress=None,
+    suite: Suite = LINEAR,
 ) -> list[dict]:
-    weights = make_weights(case)
+    """Rows for every (provider, mode) of one case: time (median, p20, p80), TFLOP/s, peak memory of a
+    training step, bytes kept for backward, the modelled time. `suite`: the kind of case (suite.py)."""
+    weights = suite.make_weights(case)
     rows = []
     for name in providers:
         base = {
@@ -46,9 +56,9 @@ def measure_case(
             "speed_valid": True,
         }
         try:
-            prov = build(name, case, weights)
+            prov = suite.build(name, case, weights)
         except NotApplicable as e:
-            rows += [{**base, "mode": m, "note": f"n/a: {e}", **modelled(case, name, m, gpu)} for m in modes]
+            rows += [{**base, "mode": m, "note": f"n/a: {e}", **suite.modelled(case, name, m, gpu)} for m in modes]
             if progress is not None:
                 progress.update()
             continue
@@ -58,11 +68,7 @@ def measure_case(
         for mode in modes:
             fn = {"fwd": prov.forward, "bwd": prov.backward, "fwdbwd": prov.fwdbwd}[mode]
             med, p20, p80 = time_ms(fn, grad_to_none=prov.trainable(), rep=rep)
-            flops = (
-                model.floor_flops(mode, case.M, case.K, case.N)
-                if name == "floor"
-                else model.useful_flops(mode, case.M, case.K, case.N, case.r)
-            )
+            flops = suite.flops(case, name, mode)
             rows.append(
                 {
                     **base,
@@ -76,7 +82,7 @@ def measure_case(
                     "peak_mb": peak / 1e6,
                     "saved_mb": saved / 1e6,
                     "note": "",
-                    **modelled(case, name, mode, gpu),
+                    **suite.modelled(case, name, mode, gpu),
                 }
             )
         del prov
