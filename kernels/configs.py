@@ -89,13 +89,13 @@ SHRINK = [
     ShrinkConfig(32, 64, 1, 4, 3, 64, 16),
     ShrinkConfig(32, 64, 4, 4, 2, 64, 16),
     ShrinkConfig(16, 64, 2, 4, 2, 128, 32),
-    ShrinkConfig(16, 64, 4, 8, 2, 256, 128),
+    ShrinkConfig(16, 64, 4, 8, 2, 128, 128),  # bf16 r = 256 spilled under triton 3.8 (sm_80)
     ShrinkConfig(16, 32, 4, 8, 2, 256, 256),
     ShrinkConfig(16, 32, 1, 8, 2, 256, 256),
 ]
 GRAD = [
-    GradConfig(32, 64, 4, 3, 32, 16),  # r <= 64 spilled on sm_80 once round_tf32 kept NaNs
-    GradConfig(64, 64, 4, 3, 64, 0),
+    GradConfig(32, 64, 4, 3, 32, 0),  # r <= 64 spilled on sm_80 once round_tf32 kept NaNs; fp32 under 3.8
+    GradConfig(64, 64, 4, 3, 32, 0),  # r <= 64 with dropout spilled under triton 3.8 (sm_80)
     GradConfig(64, 64, 8, 3, 64, 16),
     GradConfig(128, 64, 8, 2, 32, 0),
     GradConfig(32, 128, 4, 3, 16, 0),
@@ -144,11 +144,15 @@ def _gemm_acc_limit(elem_bytes: int, dropout: bool, arch: int, tma: bool) -> int
 def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: bool = False, lora_bytes: int = 4) -> bool:
     """May `c` run the fused GEMM in this variant? Its accumulator within the register budget above; with
     dropout, one epilogue slice (BLOCK_N / SUBTILES columns) at most 32 values per thread (its masked
-    low-rank product is a second accumulator of that size); fp32 operands with BLOCK_K <= 32; the
+    low-rank product is a second accumulator of that size) and, on the pointer path, the [BLOCK_M, 16]
+    low-rank slice it holds beside it at most 8 per thread (measured: 16 spilled on sm_80 under triton
+    3.8); fp32 operands with BLOCK_K <= 32; the
     pipeline within shared memory."""
     acc = c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
     if acc > _gemm_acc_limit(elem_bytes, dropout, arch, tma) or (dropout and acc // c.SUBTILES > 32):
         return False
+    if dropout and not (tma and arch >= 90) and c.BLOCK_M * R_CHUNK // (32 * c.num_warps) > 8:
+        return False  # the pointer path's [BLOCK_M, 16] low-rank slice: 128x64 w4 (16 per thread) spilled under 3.8
     if elem_bytes == 4 and c.BLOCK_K > 32:
         return False
     return gemm_smem(c, elem_bytes, lora_bytes, tma and arch >= 90) <= SMEM_LIMIT[arch] - SMEM_MARGIN
@@ -267,16 +271,15 @@ EMBEDDING_FWD = [
     EmbeddingConfig(64, 128, 1, 4, 2, 64, 0),
     EmbeddingConfig(16, 256, 1, 4, 2, 128, 256),  # bf16 r = 256 spilled once round_tf32 kept NaNs
     EmbeddingConfig(16, 128, 4, 4, 2, 256, 256),
-    EmbeddingConfig(32, 256, 2, 8, 2, 256, 256),
+    EmbeddingConfig(32, 256, 2, 8, 2, 128, 256),  # bf16 r = 256 spilled under triton 3.8
 ]
-# The first admitted entry is the one deterministic mode launches; its per-band stores spilled on sm_80
-# with 32-token bands (bf16 dY) and with 64x64 w8 for fp32 dY (TF32x3), so 64x64 w8 comes first and
-# serves 16-bit dY only, 32x64 w8 second (fp32 dY's entry). Every other variant of these is clean. A
-# 64x64 w4 entry spilled on sm_80 once round_tf32 kept NaNs (kernels/precision.py) and was removed.
+# The first admitted entry is the one deterministic mode launches. Under triton 3.8 (ptxas 12.9) every
+# entry with 64-column tiles spilled on sm_80 (bf16 dY r <= 64: 104-296 B; fp32 dY with
+# scale_grad_by_freq: 8-56 B), and 32x32 w4 spilled under 3.6 on sm_90a; these two are clean under both
+# (compile_check, sm_80 and sm_90a). The kernel is memory-bound: narrower tiles cost issue slots, not bytes.
 EMBEDDING_BWD = [
-    EmbeddingGradConfig(64, 64, 8, 2, 64, 0),
-    EmbeddingGradConfig(32, 64, 8, 2, 64, 16),
-    EmbeddingGradConfig(32, 64, 4, 2, 32, 16),  # r <= 64 spilled on sm_80 once round_tf32 kept NaNs
+    EmbeddingGradConfig(32, 32, 8, 2, 64, 16),
+    EmbeddingGradConfig(16, 32, 4, 2, 64, 16),
 ]
 EMBEDDING_FWD_INTERPRET = [EmbeddingConfig(16, 32, 2, 4, 1, 256, 256), EmbeddingConfig(32, 16, 1, 4, 1, 256, 256)]
 EMBEDDING_BWD_INTERPRET = [EmbeddingGradConfig(16, 32, 4, 1, 256, 256), EmbeddingGradConfig(32, 16, 4, 1, 256, 256)]

@@ -79,15 +79,15 @@ def fake(tmp_path):
 
 
 def test_env_installs_the_package_once_and_again_when_pyproject_changes(fake):
-    assert fake() == ["install -q -e .[test,bench,integrations]"]
+    assert fake() == ["install -q -e .[test,bench,integrations,qlora]"]
     assert fake() == [], "nothing changed: no reinstall (it took 7 s on every script call)"
     with (fake.repo / "pyproject.toml").open("a") as f:
         f.write("\n# a new dependency, say\n")
-    assert fake() == ["install -q -e .[test,bench,integrations]"]
+    assert fake() == ["install -q -e .[test,bench,integrations,qlora]"]
     assert fake() == []
-    assert fake(FUSED_LORA_REINSTALL="1") == ["install -q -e .[test,bench,integrations]"]
+    assert fake(FUSED_LORA_REINSTALL="1") == ["install -q -e .[test,bench,integrations,qlora]"]
     shutil.rmtree(fake.site / "fused_lora-0.1.0.dist-info")  # uninstalled behind the stamp's back
-    assert fake() == ["install -q -e .[test,bench,integrations]"]
+    assert fake() == ["install -q -e .[test,bench,integrations,qlora]"]
 
 
 def test_env_installs_the_cpu_torch_without_a_gpu_and_pypis_with_one(fake):
