@@ -146,8 +146,7 @@ def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: boo
     dropout, one epilogue slice (BLOCK_N / SUBTILES columns) at most 32 values per thread (its masked
     low-rank product is a second accumulator of that size) and, on the pointer path, the [BLOCK_M, 16]
     low-rank slice it holds beside it at most 8 per thread (measured: 16 spilled on sm_80 under triton
-    3.8); fp32 operands with BLOCK_K <= 32; the
-    pipeline within shared memory."""
+    3.8); fp32 operands with BLOCK_K <= 32; the pipeline within shared memory."""
     acc = c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
     if acc > _gemm_acc_limit(elem_bytes, dropout, arch, tma) or (dropout and acc // c.SUBTILES > 32):
         return False
