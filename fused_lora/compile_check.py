@@ -53,6 +53,9 @@ class Row:
     persistent: bool = False
     per_iteration: int = 0  # SASS instructions per main-loop iteration (0: no MMA loop)
     loop_mmas: int = 0
+    per_tile: int = 0  # persistent: SASS instructions per output tile outside the K loop
+    loop_nest: int = 0  # TTGIR: scf.for loops around the deepest MMA (1: the tile walk and K loop are one)
+    one_pipeline: bool = False  # the job must compile to one loop (loop_nest 1) on this arch
     serial_ok: bool = False  # a memory-bound kernel: serialised wgmma is reported in the note only
     note: str = ""
     error: str = ""
@@ -66,6 +69,7 @@ class Row:
             and 0 <= self.shared <= limit
             and "MISSING" not in self.mma
             and ("serialized" not in self.note or self.serial_ok)
+            and (not self.one_pipeline or self.loop_nest == 1)
         )
 
 
@@ -100,6 +104,28 @@ def _spec(fn, args: dict, meta: dict):
     return signature, constexprs, attrs
 
 
+def loop_nest(ttgir: str) -> int:
+    """The most ``scf.for`` loops around any MMA (``tt.dot`` / ``ttng.warp_group_dot``) in the TTGIR: 2 for
+    a persistent loop whose K loop stayed inside it, 1 when Triton fused the nest into one loop (0: no
+    MMA in a loop). Regions are read from the printed IR: a line ending in "{" opens one, a line starting
+    with "}" closes one (``} else {`` does both)."""
+    stack: list[bool] = []  # True: an scf.for region
+    deepest = 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            if stack:
+                stack.pop()
+            if text.endswith("{"):
+                stack.append(False)
+            continue
+        if re.search(r"\b(ttng\.warp_group_dot|tt\.dot)\b", text):
+            deepest = max(deepest, sum(stack))
+        if text.endswith("{"):
+            stack.append(bool(re.search(r"\bscf\.for\b", text)))
+    return deepest
+
+
 def _ptxas(log: str, cubin: bytes) -> tuple[int, int, str, str]:
     """(registers, spill bytes, note, SASS) from ``ptxas -v``'s report and the cubin it wrote."""
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +151,8 @@ def compile_job(job: Job, arch: int) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = Row(job.kernel, job.config, job.variant, f"sm_{arch}{'a' if arch == 90 else ''}", serial_ok=job.serial_ok)
+    row = Row(job.kernel, job.config, job.variant, f"sm_{arch}{'a' if arch == 90 else ''}", serial_ok=job.serial_ok,
+              one_pipeline=job.one_pipeline and arch == 90)
     try:
         kernel = getattr(importlib.import_module(f"fused_lora.kernels.{job.module}"), job.kernel)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -147,6 +174,7 @@ def compile_job(job: Job, arch: int) -> Row:
         row.tma = "cp.async.bulk.tensor" in ptx
         stats = loop_stats(sass_text)
         row.persistent, row.per_iteration, row.loop_mmas = stats.persistent, stats.per_iteration, stats.mmas
+        row.per_tile, row.loop_nest = stats.per_tile, loop_nest(compiled.asm["ttgir"])
         if job.mma_expected and arch == 90 and row.mma != "wgmma":
             row.mma += " (wgmma MISSING)"
         if job.mma_expected and arch == 80 and row.mma != "mma.sync":
@@ -174,18 +202,62 @@ def run_all(workers: int, only: str = "") -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "config", "variant", "arch", "regs", "spills", "smem", "mma", "tma", "persist", "instr/iter",
-            "status")  # fmt: skip
+    head = ("kernel", "config", "variant", "arch", "regs", "spills", "smem", "mma", "tma", "persist", "loops",
+            "instr/iter", "instr/tile", "status")  # fmt: skip
     lines = [head]
     for r in rows:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "FAIL")
         if r.note:
             status += f" ({r.note})"
         per_iter = f"{r.per_iteration} ({r.loop_mmas} mma)" if r.loop_mmas else "-"
+        nest = {0: "-", 1: "one"}.get(r.loop_nest, "nested")
         cells = (r.kernel, r.config, r.variant, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared), r.mma)
-        lines.append((*cells, "yes" if r.tma else "-", "yes" if r.persistent else "-", per_iter, status))
+        per_tile = str(r.per_tile) if r.persistent else "-"
+        lines.append((*cells, "yes" if r.tma else "-", "yes" if r.persistent else "-", nest, per_iter, per_tile,
+                      status))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+
+
+def smem_key(job: Job) -> tuple[str, int, bool, bool]:
+    """A TMA GEMM job's key in kernels.gemm_smem.SM90: (config, activation bytes, dropout, one loop)."""
+    return job.config, 4 if job.args["p_ptr"] == "*fp32" else 2, job.meta["DROPOUT"], job.meta["R_SLICES"] > 0
+
+
+def write_smem_table(workers: int) -> int:
+    """Compile every GEMM configuration's TMA variants for sm_90a, shared memory aside, and write the
+    largest allocation per key to kernels/gemm_smem.py (what keep_gemm admits by)."""
+    import triton
+
+    from .compile_jobs import gemm_jobs
+
+    jobs = [j for j in gemm_jobs(SIZES, measure_smem=True) if 90 in j.archs]
+    with concurrent.futures.ProcessPoolExecutor(max(workers, 1)) as pool:
+        rows = list(pool.map(_run, [(j, 90) for j in jobs]))
+    table: dict[tuple, int] = {}
+    for job, row in zip(jobs, rows):
+        if row.error:
+            print(f"{job.config} {job.variant}: {row.error}", file=sys.stderr)
+            return 1
+        table[smem_key(job)] = max(table.get(smem_key(job), 0), row.shared)
+    path = os.path.join(os.path.dirname(__file__), "..", "kernels", "gemm_smem.py")
+    lines = [
+        '"""Shared memory (bytes) the fused GEMM\'s Hopper (TMA) path allocates, as the compiler allocated it for',
+        "sm_90a: {(config name, activation bytes, dropout, one loop across tiles): bytes}, the largest over the",
+        "adapter dtypes (fp32 adapters are the heaviest). Written by `python -m fused_lora.compile_check",
+        f"--smem-table` (triton {triton.__version__}); tests/test_compile.py checks every compiled TMA job against it.",
+        "kernels.configs.keep_gemm admits a configuration by these figures against the hardware limit.",
+        '"""',
+        "",
+        "# fmt: off",
+        "SM90 = {",
+    ]
+    lines += [f"    {k!r}: {v}," for k, v in sorted(table.items())]
+    lines += ["}", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {len(table)} entries to {os.path.normpath(path)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,10 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="only jobs whose kernel name or config contains this")
+    ap.add_argument("--smem-table", action="store_true",
+                    help="measure the fused GEMM's shared memory on sm_90a and rewrite kernels/gemm_smem.py")
     ns = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
+    if ns.smem_table:
+        return write_smem_table(ns.workers)
     rows = run_all(ns.workers, ns.only or "")
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]

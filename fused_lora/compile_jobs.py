@@ -27,6 +27,7 @@ class Job:
     archs: tuple[int, ...] = ARCHS  # where kernels.configs admits this configuration
     tma: bool = False  # the Hopper path: expects TMA (cp.async.bulk.tensor) on sm_90a
     serial_ok: bool = False  # memory-bound (N = r): serialised wgmma is reported, not a failure
+    one_pipeline: bool = False  # sm_90a must fuse the tile walk and the K loop into one loop (TTGIR)
     options: dict = dataclasses.field(default_factory=dict)  # further compile options (enable_fp_fusion, ...)
 
     def meta_for(self, arch: int) -> dict:
@@ -109,29 +110,35 @@ def _grad_args(dt: str, sizes: dict, r: int) -> dict:
 # fmt: on
 
 
-def gemm_jobs(sizes: dict) -> list[Job]:
-    """The fused GEMM: the TMA path where Hopper admits the configuration, the pointer path on both
-    architectures (Ampere, and unaligned views on Hopper)."""
-    from fused_lora.kernels.configs import GEMM, R_CHUNK, keep_gemm
+def gemm_jobs(sizes: dict, measure_smem: bool = False) -> list[Job]:
+    """The fused GEMM: the TMA path where Hopper admits the configuration, in both forms (r <= 16: one
+    pipeline across tiles where kernels.configs.rank_slices makes it; r > 16: nested loops), the pointer
+    path on both architectures (Ampere, and unaligned views on Hopper). `measure_smem`: only the TMA
+    jobs, each configuration admitted but for its shared memory (what compile_check --smem-table
+    measures)."""
+    from fused_lora.kernels.configs import GEMM, R_CHUNK, keep_gemm, rank_slices
 
     jobs = []
     for c in GEMM:
         for label, dt, lora_dt, backward in GEMM_VARIANTS:
-            for tma in (True, False):
-                archs = _admitted(keep_gemm, c, BYTES[dt], backward, tma=tma)
+            for tma, r_pad in ((True, 16), (True, 64)) if measure_smem else ((True, 16), (True, 64), (False, 64)):
+                modes = _modes(dt, lora_dt, kept=False)
+                slices = rank_slices(r_pad, tma, False, modes["LORA_MODE"], backward)
+                archs = tuple(a for a in ARCHS if keep_gemm(c, BYTES[dt], backward, a, tma, BYTES[lora_dt], slices > 0,
+                                                            check_smem=not measure_smem))  # fmt: skip
                 archs = tuple(a for a in archs if a >= 90) if tma else archs
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
-                            **_modes(dt, lora_dt, kept=False), TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False, **modes, TMA=tma,
                             MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32",
                             Q_NK=tma and not backward, R_NR=tma and not backward, NUM_PROGRAMS=0,
-                            R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K,
-                            GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
+                            R_CHUNK=R_CHUNK, R_SLICES=slices, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                            BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
                 args = _gemm_args(dt, lora_dt, sizes, backward, tma)
-                variant = f"{label}, {'TMA' if tma else 'pointers'}"
+                path = ("TMA, r<=16" if r_pad <= 16 else "TMA, r>16") if tma else "pointers"
+                variant = f"{label}, {path}"
                 jobs.append(Job("_lora_gemm_kernel", "lora_gemm", _cfg_name(c), variant, args, meta,
-                                c.num_warps, c.num_stages, True, archs, tma))  # fmt: skip
+                                c.num_warps, c.num_stages, True, archs, tma, one_pipeline=bool(slices)))  # fmt: skip
     return jobs
 
 

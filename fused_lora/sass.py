@@ -5,12 +5,17 @@ kernel is persistent, from the SASS that Triton's bundled ``nvdisasm`` prints.
     stats.per_iteration   # instructions on the main loop's cheapest cycle (one K step)
     stats.mmas            # tensor-core instructions on it (HGMMA on sm_90a, HMMA on sm_80)
     stats.persistent      # an output store lies on a cycle: each program writes several tiles
+    stats.per_tile        # persistent: instructions per output tile outside the K loop's steady state
 
 The SASS is cut into basic blocks (at labels and after branches) with their control-flow edges. The
-main loop's block is the one holding the most MMA instructions; one K step is the cheapest cycle back
-to it (Dijkstra over block sizes), which leaves out what a flattened persistent loop does once per tile
-(its epilogue, behind a branch) and the barrier-wait retry loops. The numbers are for comparing builds
-(CI keeps them from regressing), not cycle estimates.
+main loop's block is the one holding the most MMA instructions whose cheapest cycle back to itself
+(Dijkstra over block sizes) stores no output — in a flattened persistent loop the epilogue, behind a
+branch, holds the low-rank MMAs and the stores; one K step is that cycle, which leaves out the epilogue
+and the barrier-wait retry loops. One tile's overhead is the cheapest cycle through the first output
+store, less one K step when that cycle runs through the main loop's block (flattened: the K step and the
+epilogue share one loop); in a nested loop it is the outer loop's body around the K loop (set-up,
+pipeline fill and drain, epilogue). The numbers are for comparing builds (CI keeps them from
+regressing), not cycle estimates.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LoopStats:
     per_iteration: int = 0  # instructions on the main loop's cheapest cycle (0: no MMA loop)
     mmas: int = 0
     persistent: bool = False
+    per_tile: int = 0  # persistent kernels: instructions per tile outside the K loop (0: not persistent)
 
 
 def _opcode(text: str) -> str:
@@ -126,12 +132,20 @@ def _on_cycle(bs: list[_Block], start: int) -> bool:
 
 def loop_stats(sass: str) -> LoopStats:
     bs = blocks(sass)
-    persistent = any(_opcode(op) in _STORE for i, b in enumerate(bs) for op in b.ops if _on_cycle(bs, i))
+    stores = [i for i, b in enumerate(bs) if any(_opcode(op) in _STORE for op in b.ops) and _on_cycle(bs, i)]
+    stats = LoopStats(persistent=bool(stores))
     mma_counts = [sum(_opcode(op) in _MMA for op in b.ops) for b in bs]
     ranked = sorted((n, -i) for i, n in enumerate(mma_counts) if n)
-    for _, neg in reversed(ranked):  # the block with the most MMAs that sits on a cycle
-        cycle = _cheapest_cycle(bs, -neg)
-        if cycle is not None:
+    main = None
+    for _, neg in reversed(ranked):  # the block with the most MMAs on a cycle that stores nothing
+        cycle = _cheapest_cycle(bs, -neg)  # (a flattened loop's epilogue, low-rank MMAs and all, stores)
+        if cycle is not None and not any(_opcode(op) in _STORE for b in cycle for op in bs[b].ops):
             ops = [op for b in cycle for op in bs[b].ops]
-            return LoopStats(len(ops), sum(_opcode(op) in _MMA for op in ops), persistent)
-    return LoopStats(persistent=persistent)
+            stats.per_iteration, stats.mmas, main = len(ops), sum(_opcode(op) in _MMA for op in ops), -neg
+            break
+    if stores:
+        cycle = _cheapest_cycle(bs, stores[0])
+        if cycle is not None:
+            length = sum(len(bs[b].ops) for b in cycle)
+            stats.per_tile = length - (stats.per_iteration if main in cycle else 0)
+    return stats

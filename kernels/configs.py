@@ -18,7 +18,7 @@ from .utils import interpreting
 
 # Rule sets by architecture: 80 (Ampere rules, also used for sm_86/89: pointer loads, mma.sync) and 90
 # (Hopper: TMA descriptors, wgmma). Shared memory per block, less a margin for what Triton adds.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per block (the opt-in maximum)
 SMEM_MARGIN = 8 * 1024
 
 
@@ -59,6 +59,9 @@ class GradConfig(NamedTuple):
 GEMM = [
     GemmConfig(128, 256, 64, 8, 2, 8, 3),
     GemmConfig(128, 256, 64, 8, 4, 8, 3),
+    # four stages: 229,408 B (S2) / 213,024 B (S4) nested, 229,424 B one loop (S4, fp32 adapters) of 232,448
+    GemmConfig(128, 256, 64, 8, 2, 8, 4),
+    GemmConfig(128, 256, 64, 8, 4, 8, 4),
     GemmConfig(128, 128, 64, 8, 1, 8, 4),
     GemmConfig(128, 128, 64, 8, 2, 8, 4),
     GemmConfig(64, 256, 64, 8, 2, 4, 4),
@@ -113,16 +116,55 @@ GRAD_INTERPRET = [GradConfig(16, 32, 4, 1, 64, 64), GradConfig(32, 16, 4, 1, 64,
 
 # The low-rank term walks the rank in slices of this many columns (tl.dot's smallest K).
 R_CHUNK = 16
+# Up to this padded rank the fused GEMM's Hopper path unrolls its rank walk (R_SLICES slices known at
+# compile time) so that the persistent loop holds one loop and Triton flattens it with the K loop into one
+# pipeline across tiles. Above it (and for grouped adapters, whose walk depends on the tile) the walk is a
+# runtime loop and the two loops stay nested: unrolled, every slice's L and R tiles got shared memory of
+# their own (r = 64: 245,888 B at 128x256, over the limit).
+STATIC_RANK_MAX = 16
 
 
-def gemm_smem(c: GemmConfig, elem_bytes: int, lora_bytes: int, tma: bool) -> int:
-    """Shared memory the fused GEMM needs: the pipeline's operand tiles, plus (TMA path) the low-rank
-    tiles and one output sub-tile staged for the TMA store."""
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def rank_slices(r_pad: int, tma: bool, grouped: bool, lora_mode: int = 0, dropout: bool = False) -> int:
+    """R_SLICES of the fused GEMM: the number of R_CHUNK rank slices unrolled at compile time, which makes
+    the Hopper path one pipeline across tiles (0: a runtime rank walk, nested loops).
+
+    Under triton >= 3.7 the flattened forward with a TF32 low-rank product accumulated into the main
+    accumulator (LORA_MODE 1: fp32/fp16 adapters on 16-bit activations, no dropout) made ptxas serialise
+    every wgmma (C7515: "non wgmma instructions defining accumulator registers ... between start and end
+    of the pipeline stage"; triton 3.8.0, all 11 such configurations); there it stays nested. Triton 3.6
+    compiles it clean."""
+    if not tma or grouped or r_pad > STATIC_RANK_MAX:
+        return 0
+    if lora_mode == 1 and not dropout and _triton_version() >= (3, 7):
+        return 0
+    return r_pad // R_CHUNK
+
+
+def gemm_smem(c: GemmConfig, elem_bytes: int, lora_bytes: int, tma: bool, dropout: bool = False,
+              pipelined: bool = False) -> int:
+    """Shared memory the fused GEMM needs. The Hopper (TMA) path: what the compiler allocated, as
+    compile_check measured it (:data:`kernels.gemm_smem.SM90`, in the heaviest variant: fp32 adapters;
+    tests/test_compile.py holds the table to the compiled kernels), else an estimate — the pipeline's
+    operand tiles, the low-rank tiles (one R tile per epilogue slice with dropout) and one output
+    sub-tile staged for the TMA store. The pointer path: the pipeline's operand tiles."""
     pipeline = c.num_stages * (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_K * elem_bytes
     if not tma:
         return pipeline
+    from .gemm_smem import SM90
+
+    measured = SM90.get((name(c), elem_bytes, dropout, pipelined))
+    if measured is not None:
+        return measured
     sub_n = c.BLOCK_N // c.SUBTILES
-    return pipeline + c.BLOCK_M * R_CHUNK * 4 + R_CHUNK * c.BLOCK_N * lora_bytes + c.BLOCK_M * sub_n * elem_bytes
+    r_tiles = c.SUBTILES if dropout else 1
+    return pipeline + c.BLOCK_M * R_CHUNK * 4 + r_tiles * R_CHUNK * c.BLOCK_N * lora_bytes + c.BLOCK_M * sub_n * elem_bytes
 
 
 def _gemm_acc_limit(elem_bytes: int, dropout: bool, arch: int, tma: bool) -> int:
@@ -141,12 +183,15 @@ def _gemm_acc_limit(elem_bytes: int, dropout: bool, arch: int, tma: bool) -> int
     return 64
 
 
-def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: bool = False, lora_bytes: int = 4) -> bool:
-    """May `c` run the fused GEMM in this variant? Its accumulator within the register budget above; with
-    dropout, one epilogue slice (BLOCK_N / SUBTILES columns) at most 32 values per thread (its masked
-    low-rank product is a second accumulator of that size) and, on the pointer path, the [BLOCK_M, 16]
-    low-rank slice it holds beside it at most 8 per thread (measured: 16 spilled on sm_80 under triton
-    3.8); fp32 operands with BLOCK_K <= 32; the pipeline within shared memory."""
+def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: bool = False, lora_bytes: int = 4,
+              pipelined: bool = False, check_smem: bool = True) -> bool:
+    """May `c` run the fused GEMM in this variant (`pipelined`: the one-loop Hopper form, R_SLICES > 0)?
+    Its accumulator within the register budget above; with dropout, one epilogue slice (BLOCK_N /
+    SUBTILES columns) at most 32 values per thread (its masked low-rank product is a second accumulator
+    of that size) and, on the pointer path, the [BLOCK_M, 16] low-rank slice it holds beside it at most 8
+    per thread (measured: 16 spilled on sm_80 under triton 3.8); fp32 operands with BLOCK_K <= 32; the
+    shared memory within the limit — the hardware's for what the compiler was measured to allocate (the
+    Hopper path), less a margin for an estimate (`check_smem=False`: all but that, for measuring it)."""
     acc = c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
     if acc > _gemm_acc_limit(elem_bytes, dropout, arch, tma) or (dropout and acc // c.SUBTILES > 32):
         return False
@@ -154,7 +199,18 @@ def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: boo
         return False  # the pointer path's [BLOCK_M, 16] low-rank slice: 128x64 w4 (16 per thread) spilled under 3.8
     if elem_bytes == 4 and c.BLOCK_K > 32:
         return False
-    return gemm_smem(c, elem_bytes, lora_bytes, tma and arch >= 90) <= SMEM_LIMIT[arch] - SMEM_MARGIN
+    hopper = tma and arch >= 90
+    if not check_smem:
+        return True
+    smem = gemm_smem(c, elem_bytes, lora_bytes, hopper, dropout, pipelined and hopper)
+    measured = hopper and smem_measured(c, elem_bytes, dropout, pipelined)
+    return smem <= SMEM_LIMIT[arch] - (0 if measured else SMEM_MARGIN)
+
+
+def smem_measured(c: GemmConfig, elem_bytes: int, dropout: bool, pipelined: bool) -> bool:
+    from .gemm_smem import SM90
+
+    return (name(c), elem_bytes, dropout, pipelined) in SM90
 
 
 def _keep_stream(c, elem_bytes: int, r: int, arch: int) -> bool:
@@ -200,14 +256,15 @@ def admitted(table: list, keep, *args) -> list:
     return [c for c in table if keep(c, *args)] or table[-1:]
 
 
-def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: bool = False, tma: bool = False):
+def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: bool = False, tma: bool = False,
+                        pipelined: bool = False):
     """The entry deterministic mode (``torch.use_deterministic_algorithms``) launches, fixed so that the
     summation order never depends on what was timed: for the GEMM, the first admitted entry; for the
     shrink, one without a K split (no atomics); for grad, the admitted one with the tallest row band
     (its per-band partial sums, summed on the host in a fixed order, cost bands x (N + K) x r x 4
     bytes). Ranks beyond the checked buckets (> 256) take the last entry."""
     if kind == "gemm":
-        return admitted(gemm_table(), keep_gemm, elem_bytes, dropout, arch, tma)[0]
+        return admitted(gemm_table(), keep_gemm, elem_bytes, dropout, arch, tma, 4, pipelined)[0]
     if kind == "shrink":
         table = [c for c in shrink_table() if c.SPLIT_K == 1]
         return admitted(table, keep_shrink, elem_bytes, r, arch)[0]

@@ -23,25 +23,38 @@ from .dropout import keep_mask
 from .precision import lora_dot
 
 
+@triton.jit
+def r_tile(r_src, c, off_n, R_NR: tl.constexpr):
+    """R[c : c + R_CHUNK, off_n : ...] through its TMA descriptor (stored as [N, R] when R_NR)."""
+    if R_NR:
+        rt = r_src.load([off_n, c]).T
+    else:
+        rt = r_src.load([c, off_n])
+    return rt
+
+
 # fmt: off
 @triton.jit
 def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, stride_lr, stride_rr, stride_rn,
-                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, TMA: tl.constexpr,
-                 R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr):
+                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
+                 TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr):
     # fmt: on
     """acc [BLOCK_M, WIDTH] + L[off_m : off_m + BLOCK_M, r_lo:r_hi] · R[r_lo:r_hi, off_n : off_n + WIDTH].
 
     TMA: l_src / r_src are descriptors (R as [N, R] when R_NR, else [R, N]); otherwise pointers. A TMA
     slice may read rank columns past r_hi (up to the next R_CHUNK boundary): they hold L's zero padding
-    or the rank columns of another group, where this tile's rows of R are zero."""
-    if TMA:
+    or the rank columns of another group, where this tile's rows of R are zero.
+
+    R_SLICES > 0 (TMA, ungrouped: r_lo = 0): the walk is R_SLICES slices unrolled at compile time, reading
+    zeros past R; no loop is left in the epilogue, so the persistent loop around it can be flattened
+    into one pipeline with the K loop (Triton fuses a nest only when the outer loop holds one loop)."""
+    if TMA and R_SLICES > 0:
+        for i in tl.static_range(R_SLICES):
+            acc = lora_dot(l_src.load([off_m, i * R_CHUNK]), r_tile(r_src, i * R_CHUNK, off_n, R_NR), acc, LORA_MODE,
+                           LORA_DTYPE)  # fmt: skip
+    elif TMA:
         for c in range(r_lo, r_hi, R_CHUNK):
-            lt = l_src.load([off_m, c])
-            if R_NR:
-                rt = r_src.load([off_n, c]).T
-            else:
-                rt = r_src.load([c, off_n])
-            acc = lora_dot(lt, rt, acc, LORA_MODE, LORA_DTYPE)
+            acc = lora_dot(l_src.load([off_m, c]), r_tile(r_src, c, off_n, R_NR), acc, LORA_MODE, LORA_DTYPE)
     else:
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, WIDTH)
@@ -61,18 +74,24 @@ def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, s
 
 # fmt: off
 @triton.jit
-def finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
+def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
                  M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, TMA: tl.constexpr,
-                 R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
+                 TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
                  DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
     # fmt: on
     """One output slice [BLOCK_M, WIDTH] at (off_m, off_n): with DROPOUT add the masked low-rank
-    product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store."""
-    if DROPOUT:
+    product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store.
+    With one unrolled rank slice (TMA, R_SLICES = 1) `lt` is the tile's L, loaded once for all slices."""
+    if DROPOUT and TMA and R_SLICES == 1:
+        low = lora_dot(lt, r_tile(r_src, 0, off_n, R_NR), tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32), LORA_MODE,
+                       LORA_DTYPE)  # fmt: skip
+        keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
+        acc = acc + low * keep.to(tl.float32)
+    elif DROPOUT:
         low = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
         low = add_low_rank(low, l_src, r_src, off_m, off_n, M, N, 0, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                           WIDTH, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
+                           WIDTH, BLOCK_M, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE)
         keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
         acc = acc + low * keep.to(tl.float32)  # a product, as torch's dropout backward: NaN stays NaN
     offs_n = off_n + tl.arange(0, WIDTH)
@@ -120,7 +139,7 @@ def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
                 M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
-                TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+                R_SLICES: tl.constexpr, TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
                 DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, OUT_DTYPE: tl.constexpr):
     # fmt: on
     """The whole epilogue of one [BLOCK_M, BLOCK_N] tile: the low-rank term (in the accumulator without
@@ -137,34 +156,38 @@ def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshol
             r_lo = tl.load(groups_ptr + off_n // group_n) // R_CHUNK * R_CHUNK
             r_hi = tl.load(groups_ptr + (tl.minimum(off_n + BLOCK_N, N) - 1) // group_n + 1)
         acc = add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, stride_lr, stride_rr,
-                           stride_rn, BLOCK_N, BLOCK_M, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE)
+                           stride_rn, BLOCK_N, BLOCK_M, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE)
     W: tl.constexpr = BLOCK_N // SUBTILES
+    if DROPOUT and TMA and R_SLICES == 1:  # every slice's low-rank product uses the same L tile
+        lt = l_src.load([off_m, 0])
+    else:
+        lt = 0
     if SUBTILES == 1:
-        finish_slice(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
     elif SUBTILES == 2:
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
-        finish_slice(a0, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a0, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a1, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a1, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
     else:
         tl.static_assert(SUBTILES == 4, "SUBTILES must be 1, 2 or 4")
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = halves(a1, BLOCK_M, BLOCK_N // 2)
-        finish_slice(a00, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a00, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a01, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a01, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a10, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a10, lt, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
                      stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
-                     R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a11, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a11, lt, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
                      stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
-                     R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)

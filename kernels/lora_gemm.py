@@ -6,8 +6,13 @@ Forward (y):   P = x,  Q = Wᵀ,  L = s·drop(x)·Aᵀ (xa, fp32),    R = Bᵀ, 
 Backward (dX): P = dY, Q = W,   L = s/(1-p)·dY·B (g, fp32),     R = A,   mask of x,  no bias
 
 Persistent: about one program per SM walks the output tiles in grouped order (GROUP_M row-blocks share
-their column tiles while those are in L2), so descriptors are made once per program and, with
-FLATTEN, the pipeline runs across tile boundaries. One kernel body, two ways to load tiles:
+their column tiles while those are in L2), so descriptors are made once per program. On the Hopper path
+with an unrolled rank walk (R_SLICES > 0: r <= 16, ungrouped; :func:`kernels.configs.rank_slices`) the
+tile walk holds one loop, and ``tl.range(..., flatten=True)`` fuses it with the K loop: one software
+pipeline whose mbarriers are set up once per program, the next tile's first operand loads issued before
+this tile's epilogue (the TTGIR shows it; compile_check's "loops" column says "one"). Otherwise (larger
+ranks, grouped adapters, the pointer path) the K loop stays nested in the tile loop and the pipeline is
+filled and drained per tile. One kernel body, two ways to load tiles:
 
 - Hopper (TMA=True): P, Q, L, R and the output go through device-side TMA descriptors
   (``tl.make_tensor_descriptor``; out-of-range rows and columns read as zero, stores are clipped), the
@@ -28,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_arch, gemm_table, keep_gemm
+from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_arch, gemm_table, keep_gemm, rank_slices
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold
@@ -64,7 +69,7 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, TMA: tl.constexpr, Q_NK: tl.constexpr, R_NR: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, R_CHUNK: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
     # meta-parameters: configuration
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILES: tl.constexpr,
@@ -112,7 +117,7 @@ def _lora_gemm_kernel(
                 q_ptrs += BLOCK_K * stride_qk
         finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
                     M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-                    BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
+                    BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
                     HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
 
 
@@ -188,7 +193,9 @@ def lora_gemm(
         LORA_DTYPE=mode_dtype,
         MAIN_PRECISION=main_precision(p.dtype), TMA=tma, Q_NK=q_nk, R_NR=r_nr,
         NUM_PROGRAMS=num_programs(p.device), R_CHUNK=R_CHUNK,
+        R_SLICES=rank_slices(rank_pad(R), tma, groups is not None, mode, dropout),
     )  # fmt: skip
+    pipelined = variant["R_SLICES"] > 0  # one loop across tiles (Hopper): its own shared-memory budget
     args = (
         p, q, l, r, bias if bias is not None else out, out, seed if dropout else out,
         M, N, K, R,
@@ -204,8 +211,8 @@ def lora_gemm(
         return out
 
     if deterministic:
-        return run(deterministic_entry("gemm", e, R, arch, dropout, tma))
-    configs = {config_name(c): c for c in admitted(gemm_table(), keep_gemm, e, dropout, arch, tma)}
+        return run(deterministic_entry("gemm", e, R, arch, dropout, tma, pipelined))
+    configs = {config_name(c): c for c in admitted(gemm_table(), keep_gemm, e, dropout, arch, tma, 4, pipelined)}
     key = (str(p.dtype), str(lora_dtype), bucket(M), N, K, rank_pad(R), dropout, bias is not None, tma, q_nk)
     key += (groups is not None,)
     chosen = tuning.table("gemm").pick(key, list(configs), lambda n: (lambda: run(configs[n])), p.device)

@@ -56,7 +56,7 @@ def _low_rank_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr,
                 group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-                BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
+                BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, 0, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
                 HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
 
 
