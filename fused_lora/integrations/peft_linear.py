@@ -5,6 +5,8 @@ MultiheadAttention's ``out_proj``, or GPT-2's ``Conv1D`` with ``fan_in_fan_out``
 
     y = x·Wᵀ + bias' + s·(drop(x)·Aᵀ)·Bᵀ           one call of :func:`fused_lora.lora_linear`
     bias' = bias + s·b_B   with lora_bias=True     (PEFT computes lora_B(lora_A(drop(x)))·s, b_B included)
+    DoRA: y = (m/n)·(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias   :func:`fused_lora.dora.dora_linear` (n without B·A;
+          with dropout in training, PEFT's own formula under ``dora_formula`` "peft")
 
 so lora_B's bias is folded into the bias the fused GEMM adds (trainable: its gradient is s·Σ dY, as
 PEFT's); PEFT's merge adds s·b_B to the base bias, which the subclass leaves to PEFT. ``lora.Embedding``
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..dora import dora_linear
 from ..embedding import lora_embedding
 from ..function import lora_linear
 from .peft_kinds import (
@@ -29,6 +32,7 @@ from .peft_kinds import (
     linear_dtypes_ok,
     peft_lora,
     register_kind,
+    variant_name,
     variant_reason,
 )
 
@@ -98,6 +102,29 @@ def _linear_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, base_weight(layer), A, B, scaling, bias, p, dropout.training)
 
 
+def _dora_reason(layer, adapter: str) -> str | None:
+    if variant_name(layer, adapter) != "DoraLinearVariant":
+        return "not a DoRA adapter"
+    if getattr(layer.lora_B[adapter], "bias", None) is not None:
+        return "DoRA with lora_bias"
+    if getattr(layer, "ephemeral_gpu_offload", False):
+        return "DoRA with ephemeral_gpu_offload"
+    return dropout_reason(layer, adapter)
+
+
+def _dora_servable(layer, adapter: str, x: torch.Tensor) -> bool:
+    m, w = layer.lora_magnitude_vector[adapter].weight, layer.get_base_layer().weight
+    return _linear_servable(layer, adapter, x) and m.is_floating_point() and m.device == w.device
+
+
+def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    dropout, scaling = layer.lora_dropout[adapter], layer.scaling[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    m = layer.lora_magnitude_vector[adapter].weight
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return dora_linear(x, base_weight(layer), A, B, m, scaling, layer.get_base_layer().bias, p, layer.training)
+
+
 def _lora_like(name: str, variant: str) -> AdapterPath:
     """A path for a LoRA variant whose forward is LoRA's own."""
     return AdapterPath(name, both(is_variant(variant), dropout_reason), _linear_forward, _linear_servable)
@@ -115,6 +142,8 @@ LINEAR = register_kind(
             # factor block-diagonal: its dense matrix, [r, in] or [out, r], formed per call)
             _lora_like("MiCA", "MiCALinearVariant"),
             _lora_like("BD-LoRA", "BdLoraLinearVariant"),
+            # DoRA: the column scale m/n around the fused GEMM, n from the factored norm (fused_lora.dora)
+            AdapterPath("DoRA", _dora_reason, _dora_forward, _dora_servable),
         ],
     )
 )

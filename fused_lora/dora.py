@@ -1,0 +1,202 @@
+"""DoRA (weight-decomposed LoRA, arXiv 2402.09353) on the fused path, with the weight norm detached as
+the paper's §4.3 and PEFT do:
+
+    y = (m / n) ⊙ (x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias,      n_j = ‖W_j + s·(B·A)_j‖   (row j of W [out, in])
+
+m [out] is the trainable magnitude. The low-rank term and the base GEMM are one :func:`lora_linear`
+call (the fused kernels), and m/n scales its output per column. **n never forms B·A** (PEFT builds the
+[out, in] product through ``lora_B(lora_A(eye(in)))`` on every forward):
+
+    n_j² = ‖W_j‖² + 2s·(W·Aᵀ)_j · B_j + s²·B_j·(A·Aᵀ)·B_jᵀ
+
+‖W_j‖² is cached per weight tensor and version (an in-place edit, a load or a merge bumps the version
+and refreshes it; under torch.compile it is recomputed each call), W·Aᵀ is one [out, r] product (one
+pass over W, r/M of the main GEMM's work), A·Aᵀ is r × r; the three terms are summed in float64.
+
+**Precision, and cancellation.** W·Aᵀ is the only term with a rounding that matters: on a GPU with 16-bit
+W it is two fp32-output products of W with A split into 16-bit high and low parts (|δP_ji| ≤ ε·‖W_j‖·‖A_i‖,
+ε = 2⁻¹⁶ + in·2⁻²⁴); elsewhere float64 in row chunks (ε = in·2⁻⁵³). So
+|δ(n_j²)| ≤ β_j = 2|s|·ε·‖W_j‖·Σ_i ‖A_i‖·|B_ji|. Where n_j² is small against β_j (the adapter cancels
+most of W_j), the factored form loses digits: rows with β_j > 2⁻²⁰·n_j² are recomputed directly,
+‖W_j + s·B_j·A‖ in float64 — the GUARD_ROWS rows with the largest β_j / n_j² per call, a fixed number
+so that no value is read back to the host (CUDA-graph safe); more such rows than that in one layer is
+not expected in training (n_j starts at ‖W_j‖ and ΔW stays small against W) and is not covered.
+
+**Dropout.** PEFT's formula in training with dropout is
+``x·Wᵀ + b + (m/n − 1)·(drop(x)·Wᵀ) + (m/n)·s·drop(x)·Aᵀ·Bᵀ``: the same as the one above at p = 0, in
+eval mode and in expectation, but it runs a second base GEMM on the dropped-out input. The default
+(``dora_formula`` "auto" = "fused") drops only the low-rank path's input, as LoRA does — one fused GEMM;
+"peft" computes PEFT's formula (two base GEMMs, x dropped by torch's dropout) for users who need it:
+``fused_lora.set_dora_formula("peft")``, ``with fused_lora.use_dora_formula("peft"): ...`` or
+FUSED_LORA_DORA_FORMULA=peft.
+
+**Gradients** follow from autograd through the column scale: dz = dY ⊙ (m/n) runs the LoRA backward
+(dX, dA, dB on the kernels), dm_j = Σ_t dY_tj·z_tj / n_j. Saved for backward beyond LoRA's: z (the fused
+GEMM's output, [M, out] in x's dtype) and the [out] scale. With 16-bit activations and fp32 adapters
+and magnitude, the scale is applied in fp32 (an fp32 [M, out] temporary, rounded once to x's dtype),
+but dz reaches the kernels rounded to x's dtype — as dY always does for LoRA — where PEFT's promotion
+keeps its DoRA term's gradient in fp32: dA and dB are then as precise as x's dtype allows, not fp32's.
+Not yet fused: the scale in the GEMM's epilogue (before the bias) and dY scaled inside the backward
+kernels, z recovered from y — which would drop that [M, out] tensor, the elementwise passes and the
+extra rounding of dz.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .function import lora_linear
+from .setting import Setting
+from .validation import check_dropout, check_scaling
+
+DORA_FORMULA = Setting("dora_formula", ("auto", "fused", "peft"), env_var="FUSED_LORA_DORA_FORMULA")
+GUARD_ROWS = 16  # rows per call whose norm may be recomputed directly (see the module docstring)
+GUARD_RATIO = 2.0**-20  # recompute a row when its error bound exceeds this fraction of n_j²
+CHUNK_ELEMENTS = 1 << 22  # float64 work in row chunks of this many elements (32 MB)
+
+_W_SQ: torch.utils.weak.WeakTensorKeyDictionary = torch.utils.weak.WeakTensorKeyDictionary()
+
+
+def set_dora_formula(formula: str | None) -> None:
+    """'auto' (= 'fused') | 'fused' | 'peft' for the whole process (None: the environment's, else auto)."""
+    DORA_FORMULA.set(formula)
+
+
+def use_dora_formula(formula: str):
+    """The DoRA dropout formula for this thread / task only: ``with use_dora_formula("peft"): ...``."""
+    return DORA_FORMULA.use(formula)
+
+
+def get_dora_formula() -> str:
+    formula = DORA_FORMULA.get()
+    return "fused" if formula == "auto" else formula
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
+    for r0, r1 in _row_chunks(*weight.shape):
+        out[r0:r1] = weight[r0:r1].double().square().sum(1)
+    return out
+
+
+@torch.no_grad()
+def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_j‖² per row of W [out, in], float64, cached for this tensor until its version changes (an
+    in-place edit, a state_dict load, a merge). Under torch.compile: computed, not cached."""
+    if torch.compiler.is_compiling():
+        return _sq_norms(weight)
+    owner = weight._base if weight._base is not None else weight  # a transposed view: its base's entry
+    key = (weight._version, tuple(weight.shape), weight.stride(), weight.storage_offset(), weight.dtype)
+    hit = _W_SQ.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = _sq_norms(weight)
+    _W_SQ[owner] = (key, value)
+    return value
+
+
+def _w_times_at(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(P = W·Aᵀ [out, r] in float64, its relative error ε: |δP_ji| ≤ ε·‖W_j‖·‖A_i‖)."""
+    K = weight.shape[1]
+    if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+        a = lora_A.detach().float()
+        hi = a.to(weight.dtype)
+        lo = (a - hi.float()).to(weight.dtype)
+        p = torch.mm(weight, hi.t(), out_dtype=torch.float32) + torch.mm(weight, lo.t(), out_dtype=torch.float32)
+        return p.double(), 2.0**-16 + K * 2.0**-24
+    a = lora_A.detach().double()
+    out = torch.empty(weight.shape[0], a.shape[0], dtype=torch.float64, device=weight.device)
+    for r0, r1 in _row_chunks(*weight.shape):
+        out[r0:r1] = weight[r0:r1].double() @ a.t()
+    return out, K * 2.0**-53
+
+
+@torch.no_grad()
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """n_j = ‖W_j + s·(B·A)_j‖ for W [out, in], A [r, in], B [out, r]: fp32 [out], detached, without
+    forming B·A (the factored form of the module docstring, with its cancellation guard)."""
+    w = weight.detach()
+    a, b = lora_A.detach().double(), lora_B.detach().double()
+    s = float(scaling)
+    w_sq = weight_sq_norms(weight)
+    p, eps = _w_times_at(w, lora_A)
+    n_sq = w_sq + 2 * s * (p * b).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+    bound = 2 * abs(s) * eps * w_sq.sqrt() * (b.abs() @ a.norm(dim=1))
+    n_sq = n_sq.clamp_min(0.0)
+    k = min(GUARD_ROWS, w.shape[0])
+    if k > 0:
+        ratio = bound / n_sq.clamp_min(torch.finfo(torch.float64).tiny)
+        worst, rows = ratio.topk(k)
+        direct = (w[rows].double() + s * (b[rows] @ a)).square().sum(1)
+        n_sq[rows] = torch.where(worst > GUARD_RATIO, direct, n_sq[rows])
+    return n_sq.sqrt().float()
+
+
+def _check_magnitude(magnitude, weight) -> None:
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating-point tensor, got {magnitude.dtype}")
+    if isinstance(weight, torch.Tensor) and tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"magnitude {list(magnitude.shape)} must be [out_features] = [{weight.shape[0]}] to match weight "
+            f"{list(weight.shape)}"
+        )
+    if isinstance(weight, torch.Tensor) and magnitude.device != weight.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but weight on {weight.device}")
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    formula: str | None = None,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = (m/n) ⊙ (x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias — DoRA, PEFT's semantics, on the fused kernels.
+
+    x [..., in], weight [out, in] in x's dtype, lora_A [r, in] / lora_B [out, r] in x's dtype or fp32,
+    magnitude [out] (fp32 or x's dtype; trainable), bias [out] or None. n = :func:`dora_norm` (detached),
+    or `norm` [out] when the caller has it. `formula` ('fused' | 'peft', default the ``dora_formula``
+    setting) decides what dropout in training means (module docstring); p = 0 and eval agree either way.
+    """
+    _check_magnitude(magnitude, weight)
+    s = check_scaling(scaling)
+    p = check_dropout(dropout_p) if training else 0.0
+    chosen = get_dora_formula() if formula is None else DORA_FORMULA.check(formula, "formula")
+    if norm is None:
+        norm = dora_norm(weight, lora_A, lora_B, s)
+    scale = magnitude / norm.to(magnitude.dtype).detach()  # [out], differentiable in m
+    if chosen == "peft" and p > 0.0:
+        # PEFT's: x·Wᵀ + b + (m/n − 1)·(drop(x)·Wᵀ) + (m/n)·s·drop(x)·Aᵀ·Bᵀ, torch's dropout on x
+        xd = F.dropout(x, p, training=True)
+        base = F.linear(x, weight, bias)
+        dt = torch.promote_types(x.dtype, lora_A.dtype)
+        low = F.linear(F.linear(xd.to(dt), lora_A.to(dt)), lora_B.to(dt)) * s
+        dropped = F.linear(xd, weight)
+        out = base.to(dt) + (scale - 1).to(dt) * dropped.to(dt) + scale.to(dt) * low
+        return out.to(x.dtype)
+    z = lora_linear(x, weight, lora_A, lora_B, s, None, p, training=True)
+    # the scale in the magnitude's precision (fp32 m: y and dm from an fp32 product, rounded once, as
+    # PEFT's promotion does), in z's dtype otherwise
+    dt = torch.promote_types(z.dtype, scale.dtype)
+    c = scale.to(dt)
+    y = z * c if bias is None else torch.addcmul(bias.to(dt), z, c)
+    return y.to(z.dtype)
+
+
+__all__ = ["dora_linear", "dora_norm", "get_dora_formula", "set_dora_formula", "use_dora_formula", "weight_sq_norms"]

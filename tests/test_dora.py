@@ -1,0 +1,300 @@
+"""DoRA on the fused path (fused_lora.dora) and PEFT's DoRA ``lora.Linear`` layers under patch_peft_model.
+
+Checked against the peer that defines it — PEFT's own DoRA layer, in float64 as the truth and in the
+same dtype as the tolerance yardstick (helpers' rule) — forward and the gradients of x, A, B and the
+magnitude m; against the float64 formula with the kernels' own mask when dropout is on; the factored
+weight norm against the direct one, its cancellation guard, and its cache of ‖W‖² after W changes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import dora, reference
+from fused_lora.function import _draw_seed
+from fused_lora.kernels import LAUNCHES, dropout_mask
+
+from helpers import assert_close_to_ref
+
+peft = pytest.importorskip("peft")
+
+
+def _direct_norm(w, a, b, s):
+    return (w.double() + s * b.double() @ a.double()).norm(dim=1)
+
+
+# ------------------------------------------------------------------------------------------ the norm
+
+
+@pytest.mark.parametrize(("out", "inp", "r"), [(37, 53, 1), (64, 130, 7), (29, 16, 16), (41, 70, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_factored_norm_matches_the_direct_one(out, inp, r, dtype):
+    """n_j = ‖W_j + s·(B·A)_j‖ without B·A, to fp32 rounding of the float64 direct norm (W in its dtype,
+    adapters fp32), also for W stored transposed (GPT-2's Conv1D: a transposed view)."""
+    g = torch.Generator().manual_seed(out + r)
+    w = torch.randn(out, inp, generator=g).to(dtype)
+    a, b = torch.randn(r, inp, generator=g) / 3, torch.randn(out, r, generator=g) / 5
+    for weight in (w, w.t().contiguous().t()):
+        n = dora.dora_norm(weight, a, b, 1.7)
+        want = _direct_norm(weight, a, b, 1.7)
+        assert n.dtype == torch.float32 and n.shape == (out,)
+        err = ((n.double() - want).abs() / want).max().item()
+        assert err <= 4 * 2.0**-24, f"relative error {err:.3g}"
+
+
+def test_cancellation_rows_are_recomputed_directly(monkeypatch):
+    """Rows where the adapter cancels W_j almost exactly (n_j ≪ ‖W_j‖): the factored form's error bound
+    exceeds n_j², and those rows are recomputed in float64. W·Aᵀ is taken at the GPU path's precision
+    (fp32 products, its ε), as on a GPU with 16-bit W; without the guard those rows are wrong by orders
+    of magnitude (so the test sees the guard)."""
+    monkeypatch.setattr(
+        dora, "_w_times_at", lambda w, a: ((w.float() @ a.float().t()).double(), 2.0**-16 + w.shape[1] * 2.0**-24)
+    )
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g)
+    a, b, s = torch.randn(6, 64, generator=g), torch.randn(40, 6, generator=g), 0.5
+    delta = s * (b @ a)
+    w[5] = -delta[5] + 1e-5 * torch.randn(64, generator=g)  # n_5 ~ 1e-4 against ‖W_5‖ ~ 20
+    w[9] = -delta[9]
+    want = _direct_norm(w, a, b, s)
+    got = dora.dora_norm(w, a, b, s).double()
+    rel = (got - want).abs() / want.clamp_min(1e-30)
+    assert rel[5] < 1e-5, rel[5]
+    assert (got[9] - want[9]).abs() < 1e-6
+    assert rel[[i for i in range(40) if i not in (5, 9)]].max() < 1e-6
+    monkeypatch.setattr(dora, "GUARD_ROWS", 0)
+    unguarded = dora.dora_norm(w.clone(), a, b, s).double()
+    assert (unguarded[5] - want[5]).abs() / want[5] > 1e-3
+
+
+def test_weight_norm_cache_follows_the_weight(monkeypatch):
+    """‖W_j‖² is computed once per weight version: an in-place change to W refreshes it (a stale cache
+    would give the old norm), a transposed view shares its base's entry."""
+    calls = []
+    real = dora._sq_norms
+    monkeypatch.setattr(dora, "_sq_norms", lambda w: calls.append(1) or real(w))
+    w = torch.nn.Parameter(torch.randn(12, 20), requires_grad=False)
+    a, b = torch.randn(3, 20), torch.randn(12, 3) / 4
+    first = dora.dora_norm(w, a, b, 1.0)
+    dora.dora_norm(w, a, b, 1.0)
+    assert len(calls) == 1
+    with torch.no_grad():
+        w.mul_(2.0)
+    again = dora.dora_norm(w, a, b, 1.0)
+    assert len(calls) == 2
+    torch.testing.assert_close(again.double(), _direct_norm(w, a, b, 1.0), rtol=1e-6, atol=0)
+    assert not torch.allclose(again, first)
+    wt = torch.randn(20, 12)
+    dora.dora_norm(wt.t(), a, b, 1.0)
+    dora.dora_norm(wt.t(), a, b, 1.0)  # a new view object of the same tensor: still a hit
+    assert len(calls) == 3
+
+
+def test_bad_magnitude_is_a_clear_error():
+    x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.zeros(5, 2)
+    with pytest.raises(ValueError, match=r"magnitude \[4\] must be \[out_features\] = \[5\]"):
+        dora.dora_linear(x, w, a, b, torch.ones(4), 1.0)
+    with pytest.raises(TypeError, match="magnitude must be a torch.Tensor"):
+        dora.dora_linear(x, w, a, b, [1.0] * 5, 1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        dora.dora_linear(x, w, a, b, torch.ones(5, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="formula"):
+        dora.dora_linear(x, w, a, b, torch.ones(5), 1.0, formula="exact")
+
+
+# --------------------------------------------------------------------------- against PEFT's own layer
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, K: int, N: int, bias: bool, conv1d: bool = False) -> None:
+        super().__init__()
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            self.lin = Conv1D(N, K)
+            if not bias:
+                self.lin.bias = None
+        else:
+            self.lin = torch.nn.Linear(K, N, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def peft_dora(K, N, r, dtype, lora_dtype, bias=True, dropout=0.0, conv1d=False, alpha=9):
+    """A PEFT model with one DoRA lora.Linear: B and m not at their initial values (B nonzero, m ≠ n),
+    the base layer in `dtype`, adapters and magnitude in `lora_dtype`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(K * 7 + r)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], use_dora=True, lora_dropout=dropout,
+                     init_lora_weights=False, fan_in_fan_out=conv1d)  # fmt: skip
+    model = get_peft_model(_Net(K, N, bias, conv1d), cfg)
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        m = layer.lora_magnitude_vector["default"].weight
+        m.mul_(1 + 0.3 * torch.rand_like(m))
+    layer.get_base_layer().to(dtype)
+    for mod in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        mod.to(lora_dtype)
+    return model
+
+
+def _run(model, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(dy)
+    layer = model.base_model.model.lin
+    grads = [layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad,
+             layer.lora_magnitude_vector["default"].weight.grad]  # fmt: skip
+    return [y.detach(), x.grad] + [g.clone() for g in grads]
+
+
+DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)]
+DTYPE_IDS = ["fp32", "fp16", "fp16+fp32A"]
+
+
+@pytest.mark.parametrize("r", [1, 7, 16, 33])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_patched_dora_matches_peft(r, dtypes, bias):
+    """Training mode, p = 0: y and the gradients of x, A, B, m from the patched layer (our kernels)
+    against PEFT's DoRA in float64, within the rule's multiple of PEFT's own error in the same dtype."""
+    dtype, lora_dtype = dtypes
+    K, N = 53, 41
+    ours = peft_dora(K, N, r, dtype, lora_dtype, bias)
+    same = copy.deepcopy(ours)
+    truth = copy.deepcopy(ours).double()
+    report = fused_lora.patch_peft_model(ours)
+    assert len(report.patched) == 1, report
+    x = torch.randn(3, 13, K).to(dtype)
+    dy = torch.randn(3, 13, N).to(dtype)
+    before = LAUNCHES.copy()
+    got = _run(ours, x, dy)
+    assert LAUNCHES["_lora_gemm_kernel"] + LAUNCHES["_low_rank_kernel"] > before["_lora_gemm_kernel"] + before[
+        "_low_rank_kernel"
+    ], "the patched DoRA layer did not run the kernels"
+    ref = _run(truth, x.double(), dy.double())
+    yardstick = _run(same, x, dy)
+    for name, g, r64, t in zip(("y", "dX", "dA", "dB", "dm"), got, ref, yardstick):
+        # dA, dB: the kernels take dz = dY·m/n in x's dtype (as LoRA's take dY), where PEFT's promotion keeps
+        # its DoRA term in fp32 with fp32 adapters: the floor is x's dtype's (fused_lora.dora, "Gradients")
+        assert_close_to_ref(name, g, r64, t, dtype if name in ("dA", "dB") else None)
+
+
+def test_patched_dora_matches_peft_with_fan_in_fan_out():
+    """GPT-2's Conv1D (W stored [in, out]) with DoRA: the transposed weight view, norm and all."""
+    ours = peft_dora(24, 18, 5, torch.float32, torch.float32, conv1d=True)
+    truth = copy.deepcopy(ours).double()
+    same = copy.deepcopy(ours)
+    assert len(fused_lora.patch_peft_model(ours).patched) == 1
+    x, dy = torch.randn(7, 24), torch.randn(7, 18)
+    for name, g, r64, t in zip(("y", "dX", "dA", "dB", "dm"), _run(ours, x, dy), _run(truth, x.double(), dy.double()),
+                               _run(same, x, dy)):  # fmt: skip
+        assert_close_to_ref(name, g, r64, t)
+
+
+def test_eval_with_dropout_configured_matches_peft():
+    """p > 0 configured, eval mode: no dropout; the same output as PEFT's layer."""
+    ours = peft_dora(40, 30, 6, torch.float32, torch.float32, dropout=0.3)
+    theirs = copy.deepcopy(ours)
+    fused_lora.patch_peft_model(ours)
+    ours.eval(), theirs.eval()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=2e-5, atol=2e-5)
+
+
+def test_dropout_fused_formula_against_float64_with_the_kernels_mask():
+    """Training with p > 0, formula 'fused': y = (m/n)·(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + b with the kernels' own
+    mask (regenerated from the same seed), forward and all gradients against float64 autograd."""
+    K, N, r, s, p = 45, 33, 7, 1.3, 0.3
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 17, K, generator=g)
+    w, bias = torch.randn(N, K, generator=g) / 6, torch.randn(N, generator=g)
+    a, b = torch.randn(r, K, generator=g) / 5, torch.randn(N, r, generator=g) / 5
+    m = _direct_norm(w, a, b, s).float() * (1 + 0.2 * torch.rand(N, generator=g))
+    dy = torch.randn(2, 17, N, generator=g)
+
+    def run(dtype, mask=None):
+        xs, as_, bs, ms = (t.to(dtype).clone().requires_grad_() for t in (x, a, b, m))
+        if mask is None:
+            torch.manual_seed(5)
+            y = dora.dora_linear(xs, w, as_, bs, ms, s, bias, p, formula="fused")
+        else:
+            n = _direct_norm(w, a, b, s).to(dtype)
+            z = reference.lora_linear(xs, w.to(dtype), as_, bs, s, None, p, dropout_mask=mask)
+            y = z * (ms / n) + bias.to(dtype)
+        y.backward(dy.to(dtype))
+        return [y.detach(), xs.grad, as_.grad, bs.grad, ms.grad]
+
+    got = run(torch.float32)
+    torch.manual_seed(5)
+    mask = dropout_mask(_draw_seed(x.device), 34, K, p).reshape(x.shape)
+    ref64, same = run(torch.float64, mask), run(torch.float32, mask)
+    for name, gg, rr, tt in zip(("y", "dX", "dA", "dB", "dm"), got, ref64, same):
+        assert_close_to_ref(name, gg, rr, tt)
+
+
+def test_dropout_peft_formula_matches_peft_bit_for_bit_in_expectation_and_draws():
+    """Training with p > 0 under dora_formula 'peft': PEFT's own formula (a second base GEMM on the
+    dropped input, torch's dropout), so with the same torch RNG state the patched layer gives PEFT's
+    output and gradients; under 'fused' it does not (a different formula, equal in expectation)."""
+    ours = peft_dora(36, 28, 4, torch.float32, torch.float32, dropout=0.25)
+    theirs = copy.deepcopy(ours)
+    fused_lora.patch_peft_model(ours)
+    x, dy = torch.randn(9, 36), torch.randn(9, 28)
+    torch.manual_seed(21)
+    want = _run(theirs, x, dy)
+    with dora.use_dora_formula("peft"):
+        torch.manual_seed(21)
+        got = _run(ours, x, dy)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(21)
+    fused = _run(copy.deepcopy(ours), x, dy)
+    assert not torch.allclose(fused[0], want[0], atol=1e-3)
+
+
+def test_patched_dora_model_behaves_as_peft(tmp_path):
+    """Merging, disable_adapter, save_pretrained / from_pretrained: PEFT's own machinery on the same
+    parameters, and the patched forward again afterwards."""
+    from peft import PeftModel
+
+    ours = peft_dora(32, 24, 4, torch.float32, torch.float32)
+    theirs = copy.deepcopy(ours)
+    report = fused_lora.patch_peft_model(ours)
+    assert "lora.Linear" in str(report) and not report.not_patched
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=2e-5, atol=2e-5)
+        with ours.disable_adapter(), theirs.disable_adapter():
+            torch.testing.assert_close(ours(x), theirs(x))
+        ours.save_pretrained(tmp_path / "a")
+        base = _Net(32, 24, True)
+        base.load_state_dict({k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                              for k, v in theirs.state_dict().items() if "lora_" not in k})  # fmt: skip
+        loaded = PeftModel.from_pretrained(base, tmp_path / "a")
+        fused_lora.patch_peft_model(loaded)
+        torch.testing.assert_close(loaded(x), theirs(x), rtol=2e-5, atol=2e-5)
+        merged = copy.deepcopy(ours).merge_and_unload()
+        torch.testing.assert_close(merged(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_and_reference_backends_agree():
+    """The DoRA path on the hybrid implementation and on the reference backend gives the fused result."""
+    K, N, r = 29, 22, 3
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(10, K, generator=g), torch.randn(N, K, generator=g)
+    a, b, m = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g) / 3, torch.rand(N, generator=g) + 1
+    fused = dora.dora_linear(x, w, a, b, m, 2.0, None)
+    with fused_lora.use_impl("hybrid"):
+        hybrid = dora.dora_linear(x, w, a, b, m, 2.0, None)
+    with fused_lora.use_backend("reference"):
+        ref = dora.dora_linear(x, w, a, b, m, 2.0, None)
+    torch.testing.assert_close(hybrid, fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, fused, rtol=1e-5, atol=1e-5)
