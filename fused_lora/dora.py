@@ -69,8 +69,12 @@ def use_dora_formula(formula: str):
 
 
 def get_dora_formula() -> str:
+    """'fused' or 'peft' (auto is fused); under torch.compile read once, when a graph is traced."""
     formula = DORA_FORMULA.get()
     return "fused" if formula == "auto" else formula
+
+
+get_dora_formula._dynamo_marked_constant = True  # type: ignore[attr-defined]  # as backend.resolve_backend
 
 
 def _row_chunks(rows: int, cols: int):

@@ -29,6 +29,12 @@ merge record (state_dicts of sharded models are the distributed checkpoint's bus
 
 With the fused kernels the unmerged layer costs about what a merged one does, so ``merge_weights=False``
 is also a sensible choice.
+
+``use_dora=True`` makes it a DoRA layer (:mod:`fused_lora.dora`): a trainable magnitude ``lora_magnitude``
+[out] (in the adapters' dtype), initialised as PEFT does to ‖W_j + s·(B·A)_j‖, and
+y = (m/n)·(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias. Its merge writes W' = (m/n)·(W + s·B·A) (one rounding, the
+same exact-round-trip record, which also checks m); n of the unmerged W is kept while merged (and in a
+merged layer's state_dict as ``dora_norm``), since W' alone cannot give it back.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch.nn as nn
 
 from . import sharing
 from .distributed import full, is_dtensor, local_block
+from .dora import dora_linear, dora_norm
 from .function import linear, lora_linear
 from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget, delta_product
 from .validation import check_alpha, check_dropout, check_flag, check_lora_dtype, check_rank
@@ -65,16 +72,19 @@ class LoRALinear(ExactMerge, nn.Linear):
         device=None,
         dtype=None,
         lora_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         r, p = check_rank(r), check_dropout(lora_dropout, "lora_dropout")
-        use_rslora = check_flag(use_rslora, "use_rslora")
+        use_rslora, use_dora = check_flag(use_rslora, "use_rslora"), check_flag(use_dora, "use_dora")
         lora_alpha = check_alpha(lora_alpha, r, use_rslora)
         fan_in_fan_out = check_flag(fan_in_fan_out, "fan_in_fan_out")
         merge_weights = check_flag(merge_weights, "merge_weights")
         lora_dtype = check_lora_dtype(lora_dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         sharing.adopt(self, "weight")  # a fresh W: no other module holds it (yet; see fused_lora.sharing)
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora and r > 0
+        self._dora_merge_norm: torch.Tensor | None = None  # n of the unmerged W, while merged (DoRA)
+        self._dora_next_norm: torch.Tensor | None = None
         self.fan_in_fan_out, self.merge_weights, self.merged = fan_in_fan_out, merge_weights, False
         self._merge_record: MergeRecord | None = None  # see merge()
         self.lora_dropout = nn.Dropout(p) if p > 0.0 else nn.Identity()
@@ -84,6 +94,8 @@ class LoRALinear(ExactMerge, nn.Linear):
             factory = {"device": self.weight.device, "dtype": lora_dtype or self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+            if self.use_dora:
+                self.lora_magnitude = nn.Parameter(torch.empty(out_features, **factory))
             self.weight.requires_grad = False
             self.reset_lora_parameters()
 
@@ -107,6 +119,16 @@ class LoRALinear(ExactMerge, nn.Linear):
         if self.r > 0:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+        if getattr(self, "lora_magnitude", None) is not None and self.weight.device.type != "meta":
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: m = ‖W_j + s·(B·A)_j‖ per output row (PEFT's initialisation: y is then the LoRA layer's)."""
+        if self.merged:
+            raise ValueError("reset_magnitude() on a merged layer: unmerge() first")
+        n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling)
+        self.lora_magnitude.copy_(n.to(self.lora_magnitude.dtype))
 
     @classmethod
     def from_linear(
@@ -118,6 +140,7 @@ class LoRALinear(ExactMerge, nn.Linear):
         use_rslora: bool = False,
         merge_weights: bool = True,
         lora_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are shared, not copied.
 
@@ -132,6 +155,7 @@ class LoRALinear(ExactMerge, nn.Linear):
         r, use_rslora = check_rank(r), check_flag(use_rslora, "use_rslora")  # all checked before anything is done
         lora_alpha, lora_dropout = check_alpha(lora_alpha, r, use_rslora), check_dropout(lora_dropout, "lora_dropout")
         merge_weights, lora_dtype = check_flag(merge_weights, "merge_weights"), check_lora_dtype(lora_dtype)
+        use_dora = check_flag(use_dora, "use_dora")
         if is_dtensor(linear.weight):
             raise TypeError(
                 "this nn.Linear's weight is a DTensor (sharded, e.g. by fully_shard): add LoRA first "
@@ -152,6 +176,7 @@ class LoRALinear(ExactMerge, nn.Linear):
             merge_weights=merge_weights,
             device="meta",
             dtype=w.dtype,
+            use_dora=use_dora,
         )
         layer.weight = w
         layer.bias = linear.bias
@@ -159,6 +184,8 @@ class LoRALinear(ExactMerge, nn.Linear):
             w.requires_grad_(False)
             layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=lora_dtype))
             layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=lora_dtype))
+            if layer.use_dora:
+                layer.lora_magnitude = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=lora_dtype))
             layer.reset_lora_parameters()
         sharing.replace(linear, layer)
         return layer
@@ -185,11 +212,80 @@ class LoRALinear(ExactMerge, nn.Linear):
         else:
             a, b = A[:, cols_slice].double(), B[rows_slice].double()
             delta_rows = lambda r0, r1: delta_product(b[r0:r1], a, s)
-        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
+        if not self.use_dora:
+            return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
+        return self._dora_merge_target(local, delta_rows)
+
+    def _dora_merge_target(self, local: torch.Tensor, lora_rows) -> MergeTarget:
+        """DoRA: W' = c·(W + ΔW), c = m/n per output row (n of the unmerged W: computed when merging, kept
+        while merged), as a delta from W; the unmerge computes W = W'/c − ΔW (float64, one rounding) — the
+        record of merge_exact checks exactly that inverse, so the round trip is bit-exact."""
+        if is_dtensor(self.weight):
+            raise TypeError("merging a DoRA LoRALinear whose weight is sharded (FSDP2) is not supported")
+        m = self.lora_magnitude.detach()
+        if self.merged:
+            if self._dora_merge_norm is None:
+                raise ValueError("this merged DoRA layer has lost the norm of its unmerged weight (dora_norm)")
+            n = self._dora_merge_norm
+        else:
+            n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling)
+            if bool((n == 0).any()) or bool((m == 0).any()):
+                raise ValueError("DoRA merge: a zero magnitude or weight-norm row cannot be unmerged; keep it unmerged")
+            self._dora_next_norm = n  # kept by merge() once W is merged
+        c = m.double() / n.double()
+        c = c[None, :] if self.fan_in_fan_out else c[:, None]  # output rows: W's rows, or its columns stored [in, out]
+        rows_c = (lambda r0, r1: c) if self.fan_in_fan_out else (lambda r0, r1: c[r0:r1])
+
+        def delta_rows(r0: int, r1: int) -> torch.Tensor:  # merging: c·(W + ΔW) − W
+            cj = rows_c(r0, r1)
+            return ((cj - 1) * local[r0:r1].double() + cj * lora_rows(r0, r1).double()).float()
+
+        def inverse(merged: torch.Tensor, r0: int, r1: int) -> torch.Tensor:  # W'/c − ΔW
+            return (merged.double() / rows_c(r0, r1) - lora_rows(r0, r1).double()).to(merged.dtype)
+
+        adapters = (*self._lora_factors(), m)
+        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, adapters, inverse)
+
+    def merge(self) -> None:
+        was_merged = self.merged
+        super().merge()
+        if self.use_dora and self.merged and not was_merged:
+            self._dora_merge_norm = self._dora_next_norm
+        self._dora_next_norm = None
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        if not self.merged:
+            self._dora_merge_norm = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.use_dora and self.merged and self._dora_merge_norm is not None:
+            destination[prefix + "dora_norm"] = self._dora_merge_norm
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._pending_dora_norm = state_dict.get(prefix + "dora_norm") if self.use_dora else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + "dora_norm" in unexpected and self.use_dora:
+            unexpected.remove(prefix + "dora_norm")
+
+    def _finish_load(self) -> None:
+        pending = getattr(self, "_pending_load", None)
+        norm, self._pending_dora_norm = getattr(self, "_pending_dora_norm", None), None
+        if self.use_dora and pending is not None and pending[1]:  # a merged layer's state: its unmerged W's n
+            if norm is None:
+                pending[4].append(f"{pending[0]}: a merged DoRA layer's state needs {pending[0]}dora_norm")
+                self._pending_load = None
+                return
+            self._dora_merge_norm = norm.detach().to(self.weight.device, torch.float32).clone()
+        super()._finish_load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return linear(x, self._weight_nk(), self.bias)  # not a view: FSDP2's hooks hang on the output
+        if self.use_dora:
+            return dora_linear(x, self._weight_nk(), self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,
+                               self.bias, self.lora_dropout_p, self.training)  # fmt: skip
         return lora_linear(
             x, self._weight_nk(), self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_dropout_p, self.training
         )
@@ -198,4 +294,5 @@ class LoRALinear(ExactMerge, nn.Linear):
         return (
             f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
             f"lora_dropout={self.lora_dropout_p}, use_rslora={self.use_rslora}, merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
         )

@@ -55,6 +55,7 @@ RECORD_KEYS = ("unmerge_index", "unmerge_value")
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 DeltaRows = Callable[[int, int], torch.Tensor]
+Inverse = Callable[[torch.Tensor, int, int], torch.Tensor]  # (merged rows r0:r1, r0, r1) -> W's rows
 
 
 def delta_product(b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -121,15 +122,18 @@ def merge_exact(
     cols: int,
     delta_rows: DeltaRows,
     adapters: tuple[torch.Tensor, ...],
+    inverse: Inverse | None = None,
 ) -> MergeRecord:
-    """W ← round(W + ΔW) in place (ΔW fp32, added in fp32, one rounding); returns the record to undo it."""
+    """W ← round(W + ΔW) in place (ΔW fp32, added in fp32, one rounding); returns the record to undo it.
+    `inverse(rows, r0, r1)`: what the unmerge computes from merged rows, when it is not W' − ΔW (DoRA)."""
     work = _Work(weight, rows, cols)
     index, value, merged_at = [], [], []
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
         d = delta_rows(r0, r1)
         merged = (w.float() + d).to(w.dtype)
-        lost = (_bits((merged.float() - d).to(w.dtype)) != _bits(w)).flatten().nonzero().squeeze(1)
+        back = inverse(merged, r0, r1) if inverse is not None else (merged.float() - d).to(w.dtype)
+        lost = (_bits(back) != _bits(w)).flatten().nonzero().squeeze(1)
         index.append(lost + r0 * cols)
         value.append(w.flatten()[lost].clone())
         merged_at.append(merged.flatten()[lost].clone())
@@ -147,6 +151,7 @@ def unmerge_exact(
     delta_rows: DeltaRows,
     record: MergeRecord | None,
     adapters: tuple[torch.Tensor, ...],
+    inverse: Inverse | None = None,
 ) -> None:
     """Undo :func:`merge_exact`: W ← round(W − ΔW), then the recorded elements are put back where the
     record applies (see the module docstring)."""
@@ -159,7 +164,7 @@ def unmerge_exact(
         restore = (index[untouched], record.value.to(flat.device, flat.dtype)[untouched])
     for r0, r1 in _chunks(rows, cols):
         w = work.w2[r0:r1]
-        w.copy_((w.float() - delta_rows(r0, r1)).to(w.dtype))
+        w.copy_(inverse(w, r0, r1) if inverse is not None else (w.float() - delta_rows(r0, r1)).to(w.dtype))
     if restore is not None:
         flat[restore[0]] = restore[1]
     work.finish()
@@ -195,6 +200,7 @@ class MergeTarget(NamedTuple):
     cols: int
     delta_rows: DeltaRows
     adapters: tuple[torch.Tensor, ...]
+    inverse: Inverse | None = None  # the unmerge's rows from merged ones, when not W' − ΔW (DoRA)
 
 
 class ExactMerge:
@@ -232,7 +238,7 @@ class ExactMerge:
             )
         with no_autocast(self._base_weight().device):
             t = self._merge_target()
-            self._merge_record = merge_exact(t.weight, t.rows, t.cols, t.delta_rows, t.adapters)
+            self._merge_record = merge_exact(t.weight, t.rows, t.cols, t.delta_rows, t.adapters, t.inverse)
         self.merged = True
 
     def _merge_by_policy(self) -> None:
@@ -262,7 +268,7 @@ class ExactMerge:
         record, self._merge_record = self._merge_record, None
         with no_autocast(self._base_weight().device):
             t = self._merge_target()
-            unmerge_exact(t.weight, t.rows, t.cols, t.delta_rows, record, t.adapters)
+            unmerge_exact(t.weight, t.rows, t.cols, t.delta_rows, record, t.adapters, t.inverse)
         self.merged = False
 
     def train(self, mode: bool = True):

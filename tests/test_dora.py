@@ -298,3 +298,144 @@ def test_hybrid_and_reference_backends_agree():
         ref = dora.dora_linear(x, w, a, b, m, 2.0, None)
     torch.testing.assert_close(hybrid, fused, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref, fused, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------- LoRALinear(use_dora=True), adapter files
+
+
+def _dora_layer(fan_in_fan_out=False, dtype=torch.float32, K=20, N=12, r=3):
+    torch.manual_seed(4)
+    layer = fused_lora.LoRALinear(K, N, r=r, lora_alpha=6, fan_in_fan_out=fan_in_fan_out, use_dora=True, dtype=dtype,
+                                  lora_dtype=torch.float32)  # fmt: skip
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(1 + 0.3 * torch.rand_like(layer.lora_magnitude))
+    return layer
+
+
+def test_lora_linear_dora_is_the_lora_layer_at_init_and_peft_after():
+    """At creation m = ‖W_j‖ (B = 0), so the layer computes its LoRA twin's y; trained, it computes PEFT's
+    DoRA layer with the same parameters (forward and the gradients of x, A, B, m)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16)
+    layer = fused_lora.LoRALinear.from_linear(copy.deepcopy(lin), r=4, lora_alpha=8, use_dora=True)
+    twin = fused_lora.LoRALinear.from_linear(copy.deepcopy(lin), r=4, lora_alpha=8)
+    with torch.no_grad():
+        twin.lora_A.copy_(layer.lora_A)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), twin(x), rtol=1e-6, atol=1e-6)
+    theirs = peft_dora(24, 16, 4, torch.float32, torch.float32, alpha=8)
+    peft_layer = theirs.base_model.model.lin
+    with torch.no_grad():
+        layer.weight.copy_(peft_layer.get_base_layer().weight)
+        layer.bias.copy_(peft_layer.get_base_layer().bias)
+        layer.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        layer.lora_B.copy_(peft_layer.lora_B["default"].weight)
+        layer.lora_magnitude.copy_(peft_layer.lora_magnitude_vector["default"].weight)
+    dy = torch.randn(5, 16)
+    want = _run(theirs, x, dy)
+    xs = x.clone().requires_grad_()
+    y = layer(xs)
+    y.backward(dy)
+    got = [y.detach(), xs.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad]
+    for name, g, w in zip(("y", "dX", "dA", "dB", "dm"), got, want):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5, msg=name)
+    assert "use_dora=True" in repr(layer)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["nk", "fan_in_fan_out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_lora_linear_dora_merge_round_trips_exactly(fan_in_fan_out, dtype):
+    """eval() merges W' = (m/n)·(W + s·B·A): the output stays; train() gives W back bit for bit — also
+    after deepcopy, pickling, and a merged state_dict (with its dora_norm) loaded into a fresh layer."""
+    import pickle
+
+    layer = _dora_layer(fan_in_fan_out, dtype)
+    x = torch.randn(6, 20, dtype=dtype)
+    w0, y0 = layer.weight.detach().clone(), layer(x).detach()
+    layer.eval()
+    assert layer.merged
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(layer(x), y0, rtol=tol, atol=tol)
+    state = layer.state_dict()
+    assert "dora_norm" in state and "unmerge_index" in state
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        copied.train()
+        assert torch.equal(copied.weight, w0)
+    fresh = _dora_layer(fan_in_fan_out, dtype)
+    with torch.no_grad():
+        fresh.lora_B.zero_()
+    fresh.eval()
+    fresh.load_state_dict(state)
+    fresh.train()
+    assert torch.equal(fresh.weight, w0)
+    torch.testing.assert_close(fresh(x), y0, rtol=0, atol=0)
+    layer.train()
+    assert torch.equal(layer.weight, w0)
+    incomplete = {k: v for k, v in state.items() if k != "dora_norm"}
+    with pytest.raises(RuntimeError, match="dora_norm"):
+        _dora_layer(fan_in_fan_out, dtype).eval().load_state_dict(incomplete)
+
+
+def test_dora_adapter_files_both_ways(tmp_path):
+    """save_adapter writes PEFT's DoRA file (use_dora, lora_magnitude_vector): PeftModel.from_pretrained
+    computes what our model does; a file PEFT saved loads with load_adapter into a plain model."""
+    from peft import PeftModel
+
+    torch.manual_seed(1)
+    model = _Net(20, 14, True)
+    plain = copy.deepcopy(model)
+    fused_lora.inject_lora(model, ["lin"], r=3, lora_alpha=6, use_dora=True)
+    layer = model.lin
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(1.25)
+    fused_lora.save_adapter(model, tmp_path / "ours")
+    x = torch.randn(4, 20)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=2e-5, atol=2e-5)
+    peft_saved = peft_dora(20, 14, 3, torch.float32, torch.float32)
+    peft_saved.save_pretrained(tmp_path / "peft")
+    target = _Net(20, 14, True)
+    target.lin.load_state_dict(peft_saved.base_model.model.lin.get_base_layer().state_dict())
+    fused_lora.load_adapter(target, tmp_path / "peft")
+    assert target.lin.use_dora
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), peft_saved(x), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="use_dora=False"):
+        lora_model = copy.deepcopy(plain)
+        fused_lora.inject_lora(lora_model, ["lin"], r=3, lora_alpha=6)
+        fused_lora.load_adapter(lora_model, tmp_path / "peft")
+
+
+def test_dora_is_refused_where_it_is_not_built():
+    with pytest.raises(TypeError, match="use_dora=True: DoRA is built for nn.Linear targets, not Embedding"):
+        fused_lora.inject_lora(torch.nn.Sequential(torch.nn.Embedding(10, 4)), ["0"], use_dora=True)
+    mixed = torch.nn.Sequential(fused_lora.LoRALinear(4, 4, r=2, use_dora=True), fused_lora.LoRALinear(4, 4, r=2))
+    with pytest.raises(ValueError, match="mixes DoRA layers"):
+        fused_lora.save_adapter(mixed, "/nonexistent")
+    with pytest.raises(TypeError, match="use_dora must be"):
+        fused_lora.LoRALinear(4, 4, r=2, use_dora="yes")
+
+
+def test_dora_compiles_fullgraph_without_a_graph_break():
+    """torch.compile(fullgraph=True) of a DoRA LoRALinear and of a patched PEFT DoRA model: no graph break
+    (the ‖W‖² cache is bypassed while compiling), the same output and magnitude gradient as eager."""
+    layer = _dora_layer()
+    layer.merge_weights = False
+    x = torch.randn(5, 20)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    y0 = layer(x)
+    y0.sum().backward()
+    g0 = layer.lora_magnitude.grad.clone()
+    layer.lora_magnitude.grad = None
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude.grad, g0, rtol=1e-6, atol=1e-6)
+    pm = peft_dora(20, 12, 3, torch.float32, torch.float32)
+    fused_lora.patch_peft_model(pm)
+    want = pm(x)
+    torch.testing.assert_close(torch.compile(pm, backend="aot_eager", fullgraph=True)(x), want, rtol=1e-6, atol=1e-6)

@@ -376,7 +376,8 @@ def test_a_registered_path_serves_a_variant():
         torch.manual_seed(0)
         return peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
 
-    assert fused_lora.patch_peft_model(make()).not_patched == {"base_model.model.lin": "DoRA / LoRA variant"}
+    ours = next(p for p in LINEAR.paths if p.name == "DoRA")  # fused_lora's own DoRA path, set aside here
+    LINEAR.paths.remove(ours)
     calls = []
 
     def forward(layer, adapter, x):
@@ -385,8 +386,9 @@ def test_a_registered_path_serves_a_variant():
 
     dora = lambda layer, adapter: None if layer.use_dora.get(adapter) else "not DoRA"
     path = AdapterPath("DoRA", dora, forward)
-    register_path("lora.Linear", path, first=True)
     try:
+        assert fused_lora.patch_peft_model(make()).not_patched == {"base_model.model.lin": "DoRA / LoRA variant"}
+        register_path("lora.Linear", path, first=True)
         model = make()
         ref = copy.deepcopy(model)
         assert fused_lora.patch_peft_model(model).patched == ["base_model.model.lin"]
@@ -394,7 +396,9 @@ def test_a_registered_path_serves_a_variant():
         torch.testing.assert_close(model(x), ref(x))
         assert calls == ["default"]
     finally:
-        LINEAR.paths.remove(path)
+        if path in LINEAR.paths:
+            LINEAR.paths.remove(path)
+        LINEAR.paths.append(ours)
 
 
 def test_patched_models_pickle_and_report(tmp_path):

@@ -31,7 +31,6 @@ CONFIG_NAME = "adapter_config.json"
 
 # Settings PEFT computes differently with (a LoRA variant), or that change the model beyond adapters.
 CHANGES_THE_MATH = {
-    "use_dora": "DoRA (a magnitude vector rescales W + ΔW)",
     "lora_bias": "lora_bias (a bias on lora_B)",
     "alora_invocation_tokens": "activated LoRA (the adapter acts only after the invocation tokens)",
     "use_bdlora": "BD-LoRA (block-diagonal factors)",
@@ -55,6 +54,7 @@ KNOWN = {
     "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "use_qalora", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    "use_dora",
 }  # fmt: skip
 
 
@@ -82,6 +82,7 @@ class AdapterConfig:
     use_rslora: bool
     rank_pattern: dict
     alpha_pattern: dict
+    use_dora: bool = False  # DoRA LoRALinear layers, a lora_magnitude_vector per module
 
     def rank(self, name: str) -> int:
         """The rank PEFT gives module `name` (and makes its adapter's tensors)."""
@@ -157,6 +158,9 @@ def read_config(path: Path) -> AdapterConfig:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise ValueError(f"{path}: use_rslora must be true or false, got {use_rslora!r}")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"{path}: use_dora must be true or false, got {use_dora!r}")
 
     def alpha(v, what):
         try:
@@ -177,6 +181,7 @@ def read_config(path: Path) -> AdapterConfig:
             use_rslora=use_rslora,
             rank_pattern=_patterns(config, "rank_pattern", _positive_rank),
             alpha_pattern=_patterns(config, "alpha_pattern", alpha),
+            use_dora=use_dora,
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

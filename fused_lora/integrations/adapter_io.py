@@ -7,6 +7,7 @@ Keys are PEFT's, as ``PeftModel.save_pretrained`` writes them, so an adapter sav
 ``PeftModel.from_pretrained`` on the same base model and gives the same outputs, and the reverse:
 
     LoRALinear        base_model.model.<name>.lora_A.weight [r, in]          .lora_B.weight [out, r]
+      with use_dora   base_model.model.<name>.lora_magnitude_vector [out]    (config: use_dora true)
     Embedding         base_model.model.<name>.lora_embedding_A [r, V]        .lora_embedding_B [D, r]
     Conv1d/2d/3d      base_model.model.<name>.lora_A.weight [r', in, k, …]   .lora_B.weight [out, r', 1, …]
 
@@ -59,6 +60,7 @@ from .peft_conv import conv_from_peft, conv_to_peft
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.(?:lora_([AB])\.weight|lora_embedding_([AB]))")
+_MAGNITUDE = re.compile(rf"{re.escape(PREFIX)}(.+)\.lora_magnitude_vector")  # DoRA's m, PEFT's key
 
 
 def _most_common(values):
@@ -115,7 +117,10 @@ def _export(name: str, layer: nn.Module) -> tuple[int, dict[str, torch.Tensor], 
         return a_p.shape[0], tensors, layer.lora_dropout_p
     if isinstance(layer, MergedLinear):  # PEFT's rank r·g adapter with the block-structured B
         return a.shape[0], {"lora_A.weight": a, "lora_B.weight": layer.block_b(b)}, layer.lora_dropout_p
-    return layer.r, {"lora_A.weight": a, "lora_B.weight": b}, layer.lora_dropout_p
+    tensors = {"lora_A.weight": a, "lora_B.weight": b}
+    if getattr(layer, "use_dora", False):  # PEFT's key for DoRA's magnitude (no ".weight")
+        tensors["lora_magnitude_vector"] = full(layer.lora_magnitude.detach())
+    return layer.r, tensors, layer.lora_dropout_p
 
 
 def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -168,6 +173,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             "the model has no LoRALinear, Embedding or Conv1d/2d/3d layers with adapters (r > 0) to save "
             "(inject_lora first)"
         )
+    dora = {n for n, m in layers.items() if getattr(m, "use_dora", False)}
+    if dora and dora != set(layers):
+        raise ValueError(
+            f"save_adapter: PEFT's adapter config has one use_dora for every layer, and this model mixes DoRA "
+            f"layers ({sorted(dora)[:4]}) with plain LoRA ones ({sorted(set(layers) - dora)[:4]})"
+        )
     sharded = is_sharded(model)
     reshard_all(model)
     exported = {n: _export(n, m) for n, m in layers.items()}  # the same order on every rank
@@ -192,7 +203,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "inference_mode": True,
     }
     tensors = {}
@@ -218,6 +229,16 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             f"no {WEIGHTS_NAME} in {directory} (adapter_model.bin is not read: re-save it with safetensors)"
         )
     return load_file(str(path))
+
+
+def _magnitudes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module name: DoRA magnitude m} from the file, taken out of `state`."""
+    found = {}
+    for key in list(state):
+        m = _MAGNITUDE.fullmatch(key)
+        if m is not None:
+            found[m.group(1)] = state.pop(key)
+    return found
 
 
 def _adapter_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[bool, torch.Tensor, torch.Tensor]]:
@@ -312,6 +333,7 @@ def _keep(change, layer: nn.Module) -> None:
     """Register the undo of load_adapter's change to a LoRA layer that was already there."""
     alpha, rslora, merged = layer.lora_alpha, layer.use_rslora, layer.merged
     a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    m = layer.lora_magnitude.detach().clone() if getattr(layer, "use_dora", False) else None
 
     def undo():
         if layer.merged:
@@ -320,6 +342,8 @@ def _keep(change, layer: nn.Module) -> None:
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
+            if m is not None:
+                layer.lora_magnitude.copy_(m)
         if merged:
             layer.merge()
 
@@ -341,12 +365,15 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     model = unwrap(model)
     directory = Path(directory)
     config = read_config(directory / CONFIG_NAME)
-    adapters = _adapter_modules(_read_weights(directory))
+    state = _read_weights(directory)
+    magnitudes = _magnitudes(state)
+    adapters = _adapter_modules(state)
     existing = _adapted_layers(model)
     names = sorted(adapters)
     modules = _check_model(model, names, existing)
     loaded = {n: _import(n, modules[n], *adapters[n]) for n in names}
     _checked_ranks(config, adapters, loaded, existing)
+    _check_dora(config, names, modules, adapters, magnitudes, existing)
     rslora = config.use_rslora
     alphas = {}  # each module's lora_alpha at our rank: the file's scaling, whatever the rank conversion
     for n in names:
@@ -357,7 +384,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if not existing:
             new = {
                 n: wrap_module(modules[n], loaded[n][2], alphas[n], config.lora_dropout, use_rslora=rslora,
-                               merge_weights=False)
+                               merge_weights=False, use_dora=config.use_dora)
                 for n in names
             }  # fmt: skip
             for n, layer in new.items():
@@ -373,6 +400,37 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             layer.lora_alpha, layer.use_rslora = alphas[n], rslora  # the file's scaling: what y depends on
             copy_full_into(layer.lora_A, a)
             copy_full_into(layer.lora_B, b)
+            if config.use_dora:
+                copy_full_into(layer.lora_magnitude, magnitudes[n])
             if was_merged:
                 layer.merge()
     return names
+
+
+def _check_dora(config, names, modules, adapters, magnitudes, existing) -> None:
+    """A DoRA file (use_dora, a lora_magnitude_vector per module) loads into DoRA LoRALinear layers only, and
+    a plain file into plain ones; every magnitude [out_features], floating point."""
+    extra = sorted(set(magnitudes) - set(names))
+    if extra:
+        raise ValueError(f"the adapter file has lora_magnitude_vector entries for modules without adapters: {extra[:8]}")
+    if not config.use_dora:
+        if magnitudes:
+            raise ValueError(f"the adapter file has DoRA magnitudes ({sorted(magnitudes)[:4]}) but use_dora is false")
+        dora = sorted(n for n in existing if getattr(existing[n], "use_dora", False))
+        if dora:
+            raise ValueError(f"the file is a plain LoRA adapter, the model's layers {dora[:4]} are DoRA layers")
+        return
+    for n in names:
+        base = modules[n].conv if isinstance(modules[n], _ConvLoRA) else modules[n]
+        if adapters[n][0] or not isinstance(base, nn.Linear) or isinstance(modules[n], MergedLinear):
+            raise ValueError(f"{n}: DoRA (use_dora) loads into nn.Linear / LoRALinear layers only, not {type(base).__name__}")
+        if existing and not existing[n].use_dora:
+            raise ValueError(f"{n}: the file is a DoRA adapter, this LoRALinear has use_dora=False")
+        m = magnitudes.get(n)
+        if m is None:
+            raise ValueError(f"{n}: the file is a DoRA adapter (use_dora) but has no lora_magnitude_vector for it")
+        if tuple(m.shape) != (base.out_features,) or not m.is_floating_point():
+            raise ValueError(
+                f"{n}: lora_magnitude_vector {m.dtype} {list(m.shape)} must be floating point [out_features] = "
+                f"[{base.out_features}]"
+            )

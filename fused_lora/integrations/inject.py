@@ -64,12 +64,14 @@ def lora_class(module: nn.Module) -> type | None:
 
 
 def wrap_module(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
-                merge_weights: bool = False, lora_dtype=None) -> nn.Module:  # fmt: skip
-    """The LoRA layer for `module`, sharing its weights (see :func:`lora_class`)."""
+                merge_weights: bool = False, lora_dtype=None, use_dora: bool = False) -> nn.Module:  # fmt: skip
+    """The LoRA layer for `module`, sharing its weights (see :func:`lora_class`); DoRA for nn.Linear only."""
     cls = lora_class(module)
     common = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=merge_weights, lora_dtype=lora_dtype)
+    if use_dora and cls is not LoRALinear:
+        raise TypeError(f"use_dora=True: DoRA is built for nn.Linear targets, not {type(module).__name__}")
     if cls is LoRALinear:
-        return LoRALinear.from_linear(module, lora_dropout=lora_dropout, **common)
+        return LoRALinear.from_linear(module, lora_dropout=lora_dropout, use_dora=use_dora, **common)
     if cls is LoRALinear4bit:
         return LoRALinear4bit.from_linear4bit(module, lora_dropout=lora_dropout, **common)
     if cls is Embedding:
@@ -195,11 +197,12 @@ def inject_lora(
     exclude_modules=None,
     merge_weights: bool = False,
     lora_dtype=None,
+    use_dora: bool = False,
 ) -> InjectReport:
     """Replace the selected layers of `model`, in place, by LoRA layers that share their weights (no copy)
     — nn.Linear by LoRALinear, nn.Embedding by Embedding, nn.Conv1d/2d/3d by Conv1d/2d/3d —, freeze
     every parameter that is not an adapter, and report what was done. `model` may be wrapped by DDP or
-    torch.compile; names are the plain model's.
+    torch.compile; names are the plain model's. ``use_dora=True``: DoRA layers (nn.Linear targets only).
 
     All targets are checked (and their LoRA layers built) before any is replaced: an error leaves the
     model as it was (modules, parameters, requires_grad flags)."""
@@ -207,13 +210,15 @@ def inject_lora(
     if any(isinstance(m, LORA_LAYERS) for _, m in named_modules(model)):
         raise ValueError("this model already has LoRA layers (inject_lora was called before)")
     check_lora_settings(r, lora_alpha, lora_dropout, use_rslora)
+    use_dora = check_flag(use_dora, "use_dora")
     names = find_targets(model, target_modules, exclude_modules)
     if merge_weights:  # eval() would merge ΔW into weights that other modules hold too
         holders = _holders(model)
         _refuse_shared({n: holders[id(get_module(model, n).weight)] for n in names}, "inject_lora(merge_weights=True)")
     with all_or_nothing(model) as change:
         new = {
-            n: wrap_module(get_module(model, n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype)
+            n: wrap_module(get_module(model, n), r, lora_alpha, lora_dropout, use_rslora, merge_weights, lora_dtype,
+                           use_dora)  # fmt: skip
             for n in names
         }
         for n, layer in new.items():
