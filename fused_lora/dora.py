@@ -195,12 +195,19 @@ def dora_linear(
         out = base.to(dt) + (scale - 1).to(dt) * dropped.to(dt) + scale.to(dt) * low
         return out.to(x.dtype)
     z = lora_linear(x, weight, lora_A, lora_B, s, None, p, training=True)
-    # the scale in the magnitude's precision (fp32 m: y and dm from an fp32 product, rounded once, as
-    # PEFT's promotion does), in z's dtype otherwise
+    return scale_columns(z, scale, bias)
+
+
+def scale_columns(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """z [..., out] ⊙ scale [out] (+ bias), in the scale's precision when it is wider (fp32 m: y and dm from
+    an fp32 product, rounded once to z's dtype, as PEFT's promotion does), differentiable in both."""
     dt = torch.promote_types(z.dtype, scale.dtype)
     c = scale.to(dt)
     y = z * c if bias is None else torch.addcmul(bias.to(dt), z, c)
     return y.to(z.dtype)
 
 
-__all__ = ["dora_linear", "dora_norm", "get_dora_formula", "set_dora_formula", "use_dora_formula", "weight_sq_norms"]
+__all__ = [
+    "dora_linear", "dora_norm", "get_dora_formula", "scale_columns", "set_dora_formula", "use_dora_formula",
+    "weight_sq_norms",
+]  # fmt: skip

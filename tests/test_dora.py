@@ -439,3 +439,54 @@ def test_dora_compiles_fullgraph_without_a_graph_break():
     fused_lora.patch_peft_model(pm)
     want = pm(x)
     torch.testing.assert_close(torch.compile(pm, backend="aot_eager", fullgraph=True)(x), want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------- PEFT's DoRA embeddings and convolutions
+
+
+def _peft_dora_module(module, shape_or_vocab, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(torch.nn.Sequential(module), LoraConfig(r=3, lora_alpha=5, target_modules=["0"],
+                                                                  use_dora=True, init_lora_weights=False))  # fmt: skip
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        m = layer.lora_magnitude_vector["default"].weight
+        m.mul_(1 + 0.3 * torch.rand_like(m))
+    return model
+
+
+def _grads(model, x, dy):
+    if x.is_floating_point():
+        x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(dy)
+    out = [y.detach()] + ([x.grad] if x.is_floating_point() else [])
+    return out + [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        (lambda: torch.nn.Embedding(50, 12, padding_idx=3), (4, 7)),
+        (lambda: torch.nn.Conv1d(3, 5, 3, padding=1), (2, 3, 9)),
+        (lambda: torch.nn.Conv2d(3, 5, 3, stride=2), (2, 3, 9, 8)),
+        (lambda: torch.nn.Conv3d(2, 4, 2, bias=False), (1, 2, 5, 5, 4)),
+    ],
+    ids=["Embedding", "Conv1d", "Conv2d", "Conv3d"],
+)
+def test_patched_dora_embeddings_and_convolutions_match_peft(module, shape):
+    """PEFT's DoRA lora.Embedding (norm per embedding column, over the vocabulary) and lora.Conv1d/2d/3d
+    (per output channel, over C·k): patched, forward and every gradient against PEFT's layer in float64
+    with its fp32 error as the yardstick."""
+    ours = _peft_dora_module(module(), shape)
+    same, truth = copy.deepcopy(ours), copy.deepcopy(ours).double()
+    assert len(fused_lora.patch_peft_model(ours).patched) == 1
+    x = torch.randint(0, 50, shape) if shape == (4, 7) else torch.randn(*shape)
+    dy = torch.randn_like(same(x))
+    got, yard = _grads(ours, x, dy), _grads(same, x, dy)
+    ref = _grads(truth, x if not x.is_floating_point() else x.double(), dy.double())
+    assert len(got) == len(ref)
+    for i, (g, r64, t) in enumerate(zip(got, ref, yard)):
+        assert_close_to_ref(f"output/gradient {i}", g, r64, t)

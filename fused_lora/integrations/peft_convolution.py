@@ -5,7 +5,9 @@ no groups) and lora_B a 1×1 convolution ([N, r, 1, …]); lora_B(lora_A(x)) is 
 B·A [N, C, *k] — W's shape — so without dropout the layer is one convolution with W + s·B·A (one addmm),
 and its backward takes the adapters' gradients without a weight-sized gradient (see conv_function). In
 training with p > 0 the low-rank path runs on the dropped input as PEFT's does (same mask for the same
-generator state). ``lora_bias``: lora_B's bias, times s, is folded into the convolution's bias.
+generator state). ``lora_bias``: lora_B's bias, times s, is folded into the convolution's bias. DoRA:
+(m/n) per output channel around that convolution, n from the factored norm (fused_lora.dora); with
+dropout in training under ``dora_formula`` "peft" the call goes to PEFT's forward.
 
 Served when PEFT's pair composes to a W-shaped delta; otherwise left on PEFT's forward, with the reason:
 groups > 1 (PEFT's lora_A is a dense convolution and lora_B grouped: their product is not W's grouped
@@ -19,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..conv_function import conv_padding, lora_conv
-from .peft_kinds import AdapterPath, LayerKind, hooked, peft_lora, register_kind, variant_reason
+from ..dora import dora_norm, get_dora_formula
+from .peft_kinds import AdapterPath, LayerKind, hooked, peft_lora, register_kind, variant_name, variant_reason
 from .peft_linear import dropout_reason, lora_bias
 
 _TORCH_CONV = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
@@ -58,8 +61,10 @@ def _ones(n: int) -> tuple[int, ...]:
 
 def _reason(layer, adapter: str) -> str | None:
     why = variant_reason(layer, adapter) or dropout_reason(layer, adapter)
-    if why is not None:
-        return why
+    return why if why is not None else _pair_reason(layer, adapter)
+
+
+def _pair_reason(layer, adapter: str) -> str | None:
     base, a, b = layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter]
     d = base.weight.dim() - 2
     same = (a.kernel_size, a.stride, a.padding) == (base.kernel_size, base.stride, base.padding)
@@ -89,6 +94,41 @@ def _forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     )  # fmt: skip
 
 
+def _dora_reason(layer, adapter: str) -> str | None:
+    if variant_name(layer, adapter) not in ("DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant"):
+        return "not a DoRA adapter"
+    if getattr(layer.lora_B[adapter], "bias", None) is not None:
+        return "DoRA with lora_bias"
+    return dropout_reason(layer, adapter) or _pair_reason(layer, adapter)
+
+
+def _dora_servable(layer, adapter: str, x: torch.Tensor) -> bool:
+    """As LoRA's; PEFT's own dropout formula (dora_formula 'peft', p > 0 in training) runs PEFT's forward."""
+    dropout = layer.lora_dropout[adapter]
+    peft_dropout = get_dora_formula() == "peft" and isinstance(dropout, nn.Dropout) and dropout.p > 0 and layer.training
+    m = layer.lora_magnitude_vector[adapter].weight
+    return _servable(layer, adapter, x) and not peft_dropout and m.is_floating_point()
+
+
+def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA convolution: y = (m/n) ⊙ conv(x, W + s·B·A) + bias per output channel (with dropout,
+    the low-rank pair on the dropped input: the 'fused' formula), n_j = ‖W_j + s·(B·A)_j‖ over (C, *k)."""
+    base, dropout, scaling = layer.get_base_layer(), layer.lora_dropout[adapter], layer.scaling[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    B = B.view(B.shape[0], B.shape[1])
+    w = base.weight
+    n = dora_norm(w.view(w.shape[0], -1), A.reshape(A.shape[0], -1), B, scaling)
+    m = layer.lora_magnitude_vector[adapter].weight.reshape(-1)  # PEFT's is [1, N, 1, …]
+    z = lora_conv(x, w, A, B, scaling, None, p, dropout.training, stride=base.stride, padding=base.padding,
+                  dilation=base.dilation)  # fmt: skip
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    dt = torch.promote_types(z.dtype, m.dtype)
+    c = (m / n.to(m.dtype)).to(dt).view(shape)
+    y = z * c if base.bias is None else torch.addcmul(base.bias.to(dt).view(shape), z, c)
+    return y.to(z.dtype)
+
+
 CONVS = [
     register_kind(
         LayerKind(
@@ -96,7 +136,8 @@ CONVS = [
             peft_class=lambda name=name: getattr(peft_lora(), name),
             fused_name=f"FusedLora{name}",
             base_reason=_base_reason,
-            paths=[AdapterPath("LoRA", _reason, _forward, _servable)],
+            paths=[AdapterPath("LoRA", _reason, _forward, _servable),
+                   AdapterPath("DoRA", _dora_reason, _dora_forward, _dora_servable)],  # fmt: skip
         )
     )
     for name in _TORCH_CONV

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..dora import dora_linear
+from ..dora import dora_linear, dora_norm, scale_columns
 from ..embedding import lora_embedding
 from ..function import lora_linear
 from .peft_kinds import (
@@ -189,6 +189,29 @@ def _embedding_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     )  # fmt: skip
 
 
+def _dora_embedding_reason(layer, adapter: str) -> str | None:
+    if variant_name(layer, adapter) != "DoraEmbeddingVariant":
+        return "not a DoRA adapter"
+    if layer.get_base_layer().max_norm is not None:
+        return "DoRA embedding with max_norm (PEFT's norm follows the lookup's renormalisation)"
+    return _embedding_fns(layer, adapter)
+
+
+def _dora_embedding_servable(layer, adapter: str, x: torch.Tensor) -> bool:
+    m, w = layer.lora_magnitude_vector[adapter].weight, layer.get_base_layer().weight
+    return _embedding_servable(layer, adapter, x) and m.is_floating_point() and m.device == w.device
+
+
+def _dora_embedding_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA embedding: y = (m/n) ⊙ (W[x] + s·A[:, x]ᵀ·Bᵀ), n_d = ‖W[:, d] + s·(Aᵀ·Bᵀ)[:, d]‖ over the
+    vocabulary — the factored norm of Wᵀ [D, V] with A [r, V], B [D, r] (fused_lora.dora)."""
+    emb = layer.get_base_layer()
+    A, B, s = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter], layer.scaling[adapter]
+    m = layer.lora_magnitude_vector[adapter].weight
+    n = dora_norm(emb.weight.t(), A, B, s)
+    return scale_columns(_embedding_forward(layer, adapter, x), m / n.to(m.dtype))
+
+
 EMBEDDING = register_kind(
     LayerKind(
         name="lora.Embedding",
@@ -203,6 +226,7 @@ EMBEDDING = register_kind(
                 _embedding_forward,
                 _embedding_servable,
             ),
+            AdapterPath("DoRA", _dora_embedding_reason, _dora_embedding_forward, _dora_embedding_servable),
         ],
         adapters=lambda layer: list(layer.lora_embedding_A.keys()),
     )

@@ -23,8 +23,8 @@ Nothing else changes: parameter names, ``state_dict``, ``save_pretrained`` / ``f
 switching, merging and ``disable_adapter()`` work as PEFT defines them, because at every call the subclass
 hands anything it cannot serve (several active adapters, ``adapter_names=`` mixed batches, merged or
 disabled adapters, extra arguments, dtype combinations the kernels do not take) back to PEFT's forward.
-DoRA's ``lora.Linear`` adapters run their own path (:mod:`fused_lora.dora`: the fused GEMM, a column
-scale, the weight norm without B·A); the other LoRA variants are left on PEFT's forward (reported by
+DoRA adapters on ``lora.Linear``, ``lora.Embedding`` and ``lora.Conv1d/2d/3d`` run their layer's path with a
+per-column (per-channel) scale m/n, the weight norm without B·A (:mod:`fused_lora.dora`); the other LoRA variants are left on PEFT's forward (reported by
 name) until a path for them is registered (:func:`fused_lora.integrations.peft_kinds.register_path`).
 
 - Layers added later are patched too: ``add_adapter`` / ``load_adapter`` on new target modules go through
