@@ -359,3 +359,36 @@ _all_jobs_before_dequant = all_jobs
 def all_jobs(sizes: dict) -> list[Job]:
     """Every job above, the dequantisation kernel's included (this block only appends to the file)."""
     return _all_jobs_before_dequant(sizes) + dequant_jobs(sizes)
+
+
+# ======================================================================================================
+# DoRA's column scale (issue 18). Appended block: kernels/column_scale.py at the reference shape's output
+# (8192 x 4096), 16-bit and fp32 tensors, fp32 scale, with and without bias.
+# ======================================================================================================
+
+
+def column_scale_jobs(sizes: dict) -> list[Job]:
+    from fused_lora.kernels import column_scale as cs
+
+    M, N = sizes["M"], sizes["N"]
+    name = f"{cs.BLOCK_M}x{cs.BLOCK_N} w{cs.NUM_WARPS}"
+    meta = dict(BLOCK_M=cs.BLOCK_M, BLOCK_N=cs.BLOCK_N)
+    jobs = []
+    for dt in ("bf16", "fp32"):
+        for bias in (True, False):
+            args = dict(z_ptr="*" + dt, c_ptr="*fp32", b_ptr="*fp32", y_ptr="*" + dt, M=M, N=N, stride_zm=N, stride_ym=N)
+            jobs.append(Job("_scale_fwd_kernel", "column_scale", name, f"{dt} z, fp32 c, {'bias' if bias else 'no bias'}",
+                            args, {**meta, "HAS_BIAS": bias}, cs.NUM_WARPS, 1, False))  # fmt: skip
+        args = dict(dy_ptr="*" + dt, z_ptr="*" + dt, c_ptr="*fp32", dz_ptr="*" + dt, dc_ptr="*fp32", db_ptr="*fp32",
+                    M=M, N=N, stride_dym=N, stride_zm=N, stride_dzm=N)  # fmt: skip
+        jobs.append(Job("_scale_bwd_kernel", "column_scale", name, f"{dt} dY/z, fp32 c", args, meta, cs.NUM_WARPS, 1,
+                        False))  # fmt: skip
+    return jobs
+
+
+_all_jobs_before_column_scale = all_jobs
+
+
+def all_jobs(sizes: dict) -> list[Job]:
+    """Every job above, DoRA's column scale included (this block only appends to the file)."""
+    return _all_jobs_before_column_scale(sizes) + column_scale_jobs(sizes)

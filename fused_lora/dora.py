@@ -32,9 +32,9 @@ FUSED_LORA_DORA_FORMULA=peft.
 
 **Gradients** follow from autograd through the column scale: dz = dY ⊙ (m/n) runs the LoRA backward
 (dX, dA, dB on the kernels), dm_j = Σ_t dY_tj·z_tj / n_j. Saved for backward beyond LoRA's: z (the fused
-GEMM's output, [M, out] in x's dtype) and the [out] scale. With 16-bit activations and fp32 adapters
-and magnitude, the scale is applied in fp32 (an fp32 [M, out] temporary, rounded once to x's dtype),
-but dz reaches the kernels rounded to x's dtype — as dY always does for LoRA — where PEFT's promotion
+GEMM's output, [M, out] in x's dtype) and the [out] scale. The scale is its own pair of memory-bound
+kernels (kernels/column_scale.py: fp32 arithmetic, 16-bit tensors, one pass each way; torch's ops with
+an fp32 magnitude would make fp32 [M, out] temporaries), but dz reaches the LoRA kernels rounded to x's dtype — as dY always does for LoRA — where PEFT's promotion
 keeps its DoRA term's gradient in fp32: dA and dB are then as precise as x's dtype allows, not fp32's.
 Not yet fused: the scale in the GEMM's epilogue (before the bias) and dY scaled inside the backward
 kernels, z recovered from y — which would drop that [M, out] tensor, the elementwise passes and the
@@ -46,9 +46,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import resolve_backend
 from .function import lora_linear
 from .setting import Setting
-from .validation import check_dropout, check_scaling
+from .validation import KERNEL_DTYPES, check_dropout, check_scaling
 
 DORA_FORMULA = Setting("dora_formula", ("auto", "fused", "peft"), env_var="FUSED_LORA_DORA_FORMULA")
 GUARD_ROWS = 16  # rows per call whose norm may be recomputed directly (see the module docstring)
@@ -198,9 +199,44 @@ def dora_linear(
     return scale_columns(z, scale, bias)
 
 
+class _ColumnScale(torch.autograd.Function):
+    """y = z ⊙ c + bias through kernels/column_scale.py (fp32 arithmetic, z's dtype in memory)."""
+
+    @staticmethod
+    def forward(ctx, z, c, bias):
+        from .kernels import column_scale
+
+        z2 = z.reshape(-1, z.shape[-1])
+        ctx.save_for_backward(z2, c)
+        ctx.shape, ctx.has_bias = z.shape, bias is not None
+        return column_scale.scale_fwd(z2, c, bias).view(z.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels import column_scale
+
+        z2, c = ctx.saved_tensors
+        dz, dc, db = column_scale.scale_bwd(dy.reshape(-1, dy.shape[-1]).contiguous(), z2, c)
+        return dz.view(ctx.shape), dc.to(c.dtype), (db if ctx.has_bias else None)
+
+
+def _kernel_scale_ok(z: torch.Tensor, *vectors) -> bool:
+    if torch.compiler.is_compiling() or z.dim() < 1 or z.stride(-1) != 1 or z.dtype not in KERNEL_DTYPES:
+        return False
+    backend = "triton" if z.device.type == "meta" else resolve_backend(z.device)
+    if backend != "triton" or (z.dtype == torch.bfloat16 and z.device.type == "cpu"):
+        return False
+    return all(v is None or (v.dtype in KERNEL_DTYPES and v.device == z.device) for v in vectors)
+
+
 def scale_columns(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """z [..., out] ⊙ scale [out] (+ bias), in the scale's precision when it is wider (fp32 m: y and dm from
-    an fp32 product, rounded once to z's dtype, as PEFT's promotion does), differentiable in both."""
+    """z [..., out] ⊙ scale [out] (+ bias), in fp32 arithmetic when the scale is fp32 (y and dm from an fp32
+    product, rounded once to z's dtype, as PEFT's promotion does), differentiable in z, scale and bias.
+    On the kernels' backend: two memory-bound passes (kernels/column_scale.py: 4 bytes per element of y
+    forward, 6 backward, for 16-bit z); elsewhere, and under torch.compile (which fuses it), torch's ops."""
+    if _kernel_scale_ok(z, scale, bias):
+        c = scale if scale.dtype == torch.float32 or scale.dtype == z.dtype else scale.float()
+        return _ColumnScale.apply(z, c, bias)
     dt = torch.promote_types(z.dtype, scale.dtype)
     c = scale.to(dt)
     y = z * c if bias is None else torch.addcmul(bias.to(dt), z, c)

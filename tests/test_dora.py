@@ -490,3 +490,50 @@ def test_patched_dora_embeddings_and_convolutions_match_peft(module, shape):
     assert len(got) == len(ref)
     for i, (g, r64, t) in enumerate(zip(got, ref, yard)):
         assert_close_to_ref(f"output/gradient {i}", g, r64, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_column_scale_kernels_against_float64(dtype, bias):
+    """kernels/column_scale.py: y = z ⊙ c + b and its backward (dz, dc, db) on odd shapes with leading
+    dims, fp32 arithmetic (c fp32), against float64 autograd, within the rule; the kernels ran."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(3, 37, 53, generator=g).to(dtype)
+    c = torch.rand(53, generator=g) + 0.5
+    b = torch.randn(53, generator=g) if bias else None
+    dy = torch.randn(3, 37, 53, generator=g).to(dtype)
+
+    def run(zz, cc, bb, ddy):
+        zz, cc = zz.clone().requires_grad_(), cc.clone().requires_grad_()
+        bb = bb.clone().requires_grad_() if bb is not None else None
+        y = dora.scale_columns(zz, cc, bb)
+        y.backward(ddy)
+        return [y.detach(), zz.grad, cc.grad] + ([bb.grad] if bb is not None else [])
+
+    before = LAUNCHES.copy()
+    got = run(z, c, b, dy)
+    assert LAUNCHES["_scale_fwd_kernel"] == before["_scale_fwd_kernel"] + 1
+    assert LAUNCHES["_scale_bwd_kernel"] == before["_scale_bwd_kernel"] + 1
+    ref = run(z.double(), c.double(), b.double() if bias else None, dy.double())
+    with fused_lora.use_backend("reference"):
+        same = run(z, c, b, dy)
+    for name, gg, rr, tt in zip(("y", "dz", "dc", "db"), got, ref, same):
+        assert_close_to_ref(name, gg, rr, tt)
+
+
+def test_dora_benchmark_providers():
+    """fused-dora and peft-dora (opt-in) run forward + backward on the smoke cases and match the fp64 LoRA
+    reference at p = 0 (the initial magnitude makes DoRA's y the LoRA layer's); at full size (meta) ours
+    keeps LoRA's tensors plus z, one [M, N] 16-bit tensor; the model puts PEFT's DoRA step above ours."""
+    from fused_lora.bench import model, offline
+    from fused_lora.bench.providers import Case
+
+    rows = offline.smoke(["fused-dora", "peft-dora"])
+    assert rows and all(r["result"] == "ok" for r in rows), rows
+    case = Case("attn-7b", 8192, 4096, 4096, 16, torch.bfloat16, torch.float32, 0.1, "meta")
+    saved = {r["provider"]: r for r in offline.memory_rows([case], ["fused", "fused-dora"], {}, progress=False)}
+    extra = saved["fused-dora"]["saved_mb"] - saved["fused"]["saved_mb"]
+    assert abs(extra - 8192 * 4096 * 2 / 1e6) < 0.1, saved
+    ms = {p: model.roofline_ms(model.passes(p, "fwdbwd", 8192, 4096, 4096, 16, 2, 4, True), model.GPUS["h100"])
+          for p in ("fused", "fused-dora", "peft-dora")}  # fmt: skip
+    assert ms["fused"] < ms["fused-dora"] < ms["peft-dora"] / 2, ms

@@ -315,3 +315,39 @@ def decoder_flops(provider: str, mode: str, d: DecoderDims, r: int) -> float:
         for _, K, N in d.projections()
     )
     return gemms + d.attention_flops(mode)
+
+
+# ======================================================================================================
+# DoRA (issue 18). Appended block: PEFT's DoRA (norm detached) on a linear layer. Opt-in providers:
+# --providers fused-dora,peft-dora (fused_lora/bench/providers.py). docs/design.md section 14.
+# ======================================================================================================
+
+DORA_PROVIDERS = ("fused-dora", "peft-dora")
+
+
+def _fused_dora(M, K, N, r, e, ea, d):
+    """Ours: LoRA's passes, then W·Aᵀ for the norm (two fp32-output products with A's 16-bit halves: W read
+    twice) and the column scale's kernels (read z, write y; backward read dY and z, write dz)."""
+    fwd, bwd = _fused(M, K, N, r, e, ea, d)
+    norm = Pass("norm: W·Aᵀ (A in two 16-bit halves)", 2 * 2 * N * K * r, 2 * e * N * K + 4 * 2 * N * r)
+    return [*fwd, norm, Pass("y = z·m/n", M * N, 2 * e * M * N)], [Pass("dz = dY·m/n, dm", 2 * M * N, 3 * e * M * N), *bwd]
+
+
+def _peft_dora(M, K, N, r, e, ea, d):
+    """PEFT's DoraLinearLayer: B·A through lora_B(lora_A(eye(in))) (an [in, in] identity, c = adapter
+    dtype), W + s·B·A and its row norm ([out, in] passes), its LoRA path, then (m/n − 1)·base and
+    (m/n)·s·lora and their sum in c's precision; with dropout a second base GEMM on x_d. Backward: the
+    LoRA path's, the elementwise passes' and, with dropout, the second GEMM's dX."""
+    c = ea
+    fwd, bwd = _peft(M, K, N, r, e, ea, d)
+    eye = [Pass("eye(in)", 0, c * K * K), _gemm("lora_A(eye)", K, r, K, c), _gemm("lora_B(·)", K, N, r, c)]
+    norm = [Pass("W + s·B·A", N * K, (e + 2 * c) * N * K), Pass("row norm", 2 * N * K, c * N * K)]
+    scale = [Pass("(m/n − 1)·base", M * N, (e + c) * M * N), Pass("(m/n)·s·lora", 2 * M * N, 2 * c * M * N),
+             Pass("sum", M * N, 3 * c * M * N)]  # fmt: skip
+    extra_fwd = [_gemm("x_d·Wᵀ (dropout)", M, N, K, e)] if d else []
+    extra_bwd = [_gemm("dX += d(x_d)·W (dropout)", M, K, N, e)] if d else []
+    back = [Pass("elementwise backward, dm", 4 * M * N, 6 * c * M * N)]
+    return [*eye, *norm, *fwd, *extra_fwd, *scale], [*back, *bwd, *extra_bwd]
+
+
+_PASSES |= {"fused-dora": _fused_dora, "peft-dora": _peft_dora}

@@ -16,7 +16,9 @@ DTYPES = ("bf16", "fp16", "fp32")
 CASES = ("linear", "decoder")
 DEFAULT_RANKS = "1,4,8,16,32,64,128,256"
 DECODER_RANKS = "16"
-ALL_PROVIDERS = tuple(dict.fromkeys(model.PROVIDERS + model.QLORA_PROVIDERS + model.DECODER_PROVIDERS))
+ALL_PROVIDERS = tuple(
+    dict.fromkeys(model.PROVIDERS + model.QLORA_PROVIDERS + model.DORA_PROVIDERS + model.DECODER_PROVIDERS)
+)
 RESULTS_DIR = "bench/results/local"  # ignored by git: a run never writes into tracked files
 
 DESCRIPTION = """\
@@ -175,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"implementations side by side, comma list. Linear case (fused_lora/bench/providers.py says what each "
         f"is): {', '.join(model.PROVIDERS)} (default: all of these); opt-in (QLoRA, 4-bit base weights): "
-        f"{', '.join(model.QLORA_PROVIDERS)}. Decoder case (fused_lora/bench/decoder.py): "
+        f"{', '.join(model.QLORA_PROVIDERS)}; opt-in (DoRA): {', '.join(model.DORA_PROVIDERS)}. Decoder case (fused_lora/bench/decoder.py): "
         f"{', '.join(model.DECODER_PROVIDERS)} (default: all)",
     )
     add(
@@ -204,7 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser()
     ns = ap.parse_args(argv)
     decoder = ns.case == "decoder"
-    allowed = model.DECODER_PROVIDERS if decoder else model.PROVIDERS + model.QLORA_PROVIDERS
+    allowed = model.DECODER_PROVIDERS if decoder else model.PROVIDERS + model.QLORA_PROVIDERS + model.DORA_PROVIDERS
     ns.providers = ns.providers or list(model.DECODER_PROVIDERS if decoder else model.PROVIDERS)
     bad = [p for p in ns.providers if p not in allowed]
     if bad:

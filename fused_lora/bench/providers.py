@@ -435,3 +435,53 @@ class Dequant(Provider):
 
 
 PROVIDER_CLASSES |= {p.name: p for p in (QLoRA, PeftQLoRA, Dequant)}
+
+
+# ======================================================================================================
+# DoRA (issue 18). Appended block: opt-in providers, the same weights; the magnitude is PEFT's initial
+# one, ‖W_j + s·(B·A)_j‖, so both compute the LoRA layer's y (the smoke run's reference holds).
+# ======================================================================================================
+
+
+class FusedDoRA(Fused):
+    name, impl = "fused-dora", "fused_lora LoRALinear(use_dora=True): fused GEMM, factored norm, column-scale kernels"
+
+    def build(self, case, w):
+        layer = fused_lora.LoRALinear(case.K, case.N, r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout,
+                                      bias=False, device=case.device, dtype=case.dtype, lora_dtype=case.adapter_dtype,
+                                      use_dora=True)  # fmt: skip
+        _load(layer.weight, w["W"]), _load(layer.lora_A, w["A"]), _load(layer.lora_B, w["B"])
+        if case.device != "meta":
+            layer.reset_magnitude()
+        return layer
+
+
+class PeftDoRA(Provider):
+    name = "peft-dora"
+
+    def build(self, case, w):
+        try:
+            from peft.tuners.lora import Linear, LoraConfig
+        except ImportError as e:
+            raise NotApplicable(f"needs peft ({e})") from None
+        if "config" not in inspect.signature(Linear.__init__).parameters:
+            raise NotApplicable("needs peft >= 0.18")
+        base = nn.Linear(case.K, case.N, bias=False, device=case.device, dtype=case.dtype)
+        _load(base.weight, w["W"])
+        base.weight.requires_grad_(False)
+        if case.device == "meta":
+            raise NotApplicable("PEFT's DoRA initialises its magnitude from W's values (no meta tensors)")
+        config = LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout, use_dora=True)
+        layer = Linear(base, "default", r=case.r, lora_alpha=case.alpha, config=config, use_dora=True)
+        for adapters in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            adapters["default"].to(case.adapter_dtype)
+        _load(layer.lora_A["default"].weight, w["A"]), _load(layer.lora_B["default"].weight, w["B"])
+        from fused_lora.dora import dora_norm
+
+        m = dora_norm(base.weight, w["A"], w["B"], case.alpha / case.r)
+        _load(layer.lora_magnitude_vector["default"].weight, m.to(case.adapter_dtype))
+        self.impl = "peft " + __import__("peft").__version__ + " DoRA"
+        return layer.train()
+
+
+PROVIDER_CLASSES |= {p.name: p for p in (FusedDoRA, PeftDoRA)}
