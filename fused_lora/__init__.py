@@ -3,6 +3,8 @@
     y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ,   s = lora_alpha / r
 
 - :func:`lora_linear` — the functional form (an autograd Function over the kernels).
+- :func:`dora_linear` — DoRA's (``LoRALinear(use_dora=True)`` the layer; :mod:`fused_lora.dora`), and
+  :func:`set_dora_formula` / :func:`use_dora_formula` for what dropout means in it ('fused' | 'peft').
 - :class:`LoRALinear` — a drop-in for loralib's ``lora.Linear``; :class:`MergedLinear` for its
   ``lora.MergedLinear`` (fused q/k/v: one pass over x for every group's adapter).
 - :class:`Embedding`, :class:`Conv1d` / :class:`Conv2d` / :class:`Conv3d` — drop-ins for loralib's
@@ -22,6 +24,7 @@
 
 from .backend import get_backend, set_backend, use_backend
 from .conv import Conv1d, Conv2d, Conv3d
+from .dora import dora_linear, set_dora_formula, use_dora_formula
 from .embedding import Embedding, IndexOutOfRangeError, lora_embedding
 from .function import LoRALinearFunction, lora_linear
 from .impl import get_impl, set_impl, use_impl
@@ -68,6 +71,7 @@ __all__ = [
     "PatchReport",
     "QuantizedWeight",
     "__version__",
+    "dora_linear",
     "get_backend",
     "get_impl",
     "inject_lora",
@@ -80,9 +84,11 @@ __all__ = [
     "patch_peft_model",
     "save_adapter",
     "set_backend",
+    "set_dora_formula",
     "set_impl",
     "unmerge_lora",
     "unpatch_peft_model",
     "use_backend",
+    "use_dora_formula",
     "use_impl",
 ]
