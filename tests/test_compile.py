@@ -105,14 +105,13 @@ def test_hopper_gemm_is_one_pipeline_across_tiles(rows):
 @pytest.mark.compile
 def test_smem_admission_follows_the_compiler(rows):
     """keep_gemm admits the Hopper path by kernels/gemm_smem.py: every TMA job's allocation is at most its
-    entry (exact under the Triton that wrote the table), so a configuration is admitted where the compiler
-    makes it fit — the four-stage 128x256 ones the old formula rejected — and never where it does not."""
-    import triton
-
+    entry (the largest over the Tritons CI checks: triton 3.8 allocates 8 KB more than 3.6 for dX in one
+    loop at 128x256, 16 KB more for fp32 at 128x128x32) and within 16 KB of it, so a configuration is
+    admitted where the compiler makes it fit — the four-stage 128x256 ones the old formula rejected — and
+    never where it does not."""
     from fused_lora.kernels.gemm_smem import SM90
 
     rows, _ = rows
-    written = "triton 3.6.0" in (Path(configs.__file__).parent / "gemm_smem.py").read_text()
     for r in rows:
         if r["kernel"] != "_lora_gemm_kernel" or ", TMA, r" not in r["variant"]:
             continue
@@ -120,8 +119,8 @@ def test_smem_admission_follows_the_compiler(rows):
                bool(r["one_pipeline"]))  # fmt: skip
         assert key in SM90, f"{key} not in kernels/gemm_smem.py: run python -m fused_lora.compile_check --smem-table"
         assert r["shared"] <= SM90[key], (key, r["shared"], SM90[key])
-        if written and triton.__version__ == "3.6.0" and "bf16 x/W/A/B" not in r["variant"]:
-            assert r["shared"] == SM90[key], (key, r["shared"], SM90[key])
+        if "bf16 x/W/A/B" not in r["variant"]:  # the table's figure is the heavier fp32-adapter variant's
+            assert SM90[key] - r["shared"] <= 16 * 1024, (key, r["shared"], SM90[key])
     # the formula admission used (every buffer counted, less an 8 KB margin) refused these: 237,568 B
     old = 4 * (128 + 256) * 64 * 2 + 128 * 16 * 4 + 16 * 256 * 4 + 128 * 64 * 2
     four = [r for r in rows if r["config"] == "128x256x64x8x4 w8 s4" and ", TMA, r" in r["variant"]]
