@@ -7,6 +7,13 @@
     no dropout (p = 0, or eval):  y = conv(x, W + ΔW) + bias                        one addmm, one convolution
     training with p > 0:          y = conv(x, W) + bias + s·conv1x1(conv(drop(x), A), B)
 
+**Grouped** (``groups`` = G > 1; PEFT's shapes): W [N, C/G, *k], A [r, C, *k] dense (PEFT's lora_A has no
+groups), B [N, r/G] (PEFT's lora_B is a grouped 1×1 convolution): output channel j of group g = j // (N/G)
+takes t's channels g·r/G … (g+1)·r/G − 1. The pair's delta is dense over C, not W's grouped shape, so no
+merged weight exists; y = conv(x, W, groups=G) + bias + s·B_g·t with t = conv(drop(x), A) [b, r, *S'] —
+PEFT's math, with the grouped 1×1, the scale and the add as one batched GEMM into the base output
+(``baddbmm``; PEFT writes the 1×1's output, then its scaled copy, then the sum). Autograd takes the gradients.
+
 **Without dropout** W + ΔW is one ``addmm`` (in fp32, or float64 for a float64 W; rounded once to W's dtype)
 and torch runs one convolution. The backward never forms a weight-sized gradient (dW' of the merged
 convolution would cost as much as the forward convolution itself): dX = conv_input_grad(dY, W + ΔW), then
@@ -55,24 +62,32 @@ def conv_padding(padding, kernel: tuple[int, ...], stride: tuple[int, ...], dila
     return _tuple(padding, len(kernel), "padding")
 
 
-def _check(x, weight, lora_A, lora_B, bias) -> int:
+def _check(x, weight, lora_A, lora_B, bias, groups: int = 1) -> int:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _tensor(name, t)
     d = weight.dim() - 2
     if d not in _CONV:
         raise ValueError(f"weight {_shape(weight)} must be [out, in, *kernel] with 1 to 3 kernel dimensions")
-    if x.dim() != d + 2 or x.shape[1] != weight.shape[1]:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups must be an int >= 1 dividing out = {weight.shape[0]}, got {groups!r}")
+    C = weight.shape[1] * groups
+    if x.dim() != d + 2 or x.shape[1] != C:
         raise ValueError(
-            f"x {_shape(x)} must be [batch, {weight.shape[1]}, ...] ({d} spatial dims) for weight {_shape(weight)}"
+            f"x {_shape(x)} must be [batch, {C}, ...] ({d} spatial dims) for weight {_shape(weight)}, groups {groups}"
         )
     N, r = weight.shape[0], lora_A.shape[0]
-    if tuple(lora_A.shape) != (r, *weight.shape[1:]):
+    if tuple(lora_A.shape) != (r, C, *weight.shape[2:]):
         raise ValueError(
-            f"lora_A {_shape(lora_A)} must be [r, {', '.join(map(str, weight.shape[1:]))}] (a kernel like W's)"
+            f"lora_A {_shape(lora_A)} must be [r, {', '.join(map(str, (C, *weight.shape[2:])))}] (a kernel like W's"
+            + (", over all C input channels)" if groups > 1 else ")")
         )
-    if tuple(lora_B.shape) != (N, r):
+    if r % groups:
+        raise ValueError(f"lora_A {_shape(lora_A)}: the rank {r} must be a multiple of groups = {groups}")
+    if tuple(lora_B.shape) != (N, r // groups):
+        want, why = ("[out, r]", "") if groups == 1 else ("[out, r/groups]", f", groups {groups}")
         raise ValueError(
-            f"lora_B {_shape(lora_B)} must be [out, r] = [{N}, {r}] (weight {_shape(weight)}, lora_A {_shape(lora_A)})"
+            f"lora_B {_shape(lora_B)} must be {want} = [{N}, {r // groups}] (weight {_shape(weight)}, "
+            f"lora_A {_shape(lora_A)}{why})"
         )
     if bias is not None:
         _tensor("bias", bias, 1)
@@ -147,6 +162,26 @@ class _MergedLoRAConv(torch.autograd.Function):
         return dx, dw, dbias, dA, dB, None, None, None, None
 
 
+def _grouped(x, weight, bias, A, B, s, p, training, stride, padding, dilation, groups):
+    """y = conv(x, W, groups) + bias + s·B_g·conv(drop(x), A) (the module docstring's grouped case)."""
+    conv = _CONV[weight.dim() - 2]
+    y = conv(x, weight, bias, stride, padding, dilation, groups)
+    xl = x.to(A.dtype)
+    if training and p > 0.0:
+        xl = F.dropout(xl, p, True)  # torch's draw: PEFT's mask for the same generator state
+    t = conv(xl, A, None, stride, padding, dilation)  # [b, r, *S']
+    b, N, r = y.shape[0], y.shape[1], A.shape[0]
+    n_g, r_g = N // groups, r // groups
+    Bg = B.view(groups, n_g, r_g)
+    tg = t.reshape(b, groups, r_g, -1)
+    if t.dtype == y.dtype:  # one batched GEMM accumulating into the base output
+        Bb = Bg.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * groups, n_g, r_g)
+        out = torch.baddbmm(y.reshape(b * groups, n_g, -1), Bb, tg.reshape(b * groups, r_g, -1), alpha=s)
+        return out.view(y.shape)
+    low = torch.matmul(Bg, tg).view(y.shape)  # fp32 adapters on a 16-bit x: PEFT's promotion, then y's dtype
+    return torch.add(y, low, alpha=s).to(y.dtype)
+
+
 def lora_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -160,13 +195,15 @@ def lora_conv(
     stride=1,
     padding=0,
     dilation=1,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """A convolution (groups = 1, zero padding) with LoRA in PEFT's factored shapes; see the module docstring.
+    """A convolution (zero padding) with LoRA in PEFT's factored shapes; see the module docstring.
 
-    x [b, C, *S]; weight [N, C, *k]; lora_A [r, C, *k] (lora_A's convolution weight); lora_B [N, r] (lora_B's
-    1×1 weight, flattened); bias [N] or None; stride / padding / dilation as for ``torch.nn.functional.conv2d``
-    (both the base convolution and lora_A use them; padding 'valid', or a symmetric 'same')."""
-    d = _check(x, weight, lora_A, lora_B, bias)
+    x [b, C, *S]; weight [N, C/G, *k]; lora_A [r, C, *k] (lora_A's convolution weight); lora_B [N, r/G]
+    (lora_B's 1×1 weight, flattened); bias [N] or None; stride / padding / dilation / groups (G) as for
+    ``torch.nn.functional.conv2d`` (the base convolution and lora_A take stride, padding and dilation;
+    padding 'valid', or a symmetric 'same'; lora_A is never grouped, lora_B has W's groups)."""
+    d = _check(x, weight, lora_A, lora_B, bias, groups)
     s, p = check_scaling(scaling), check_dropout(dropout_p)
     kernel = tuple(weight.shape[2:])
     stride, dilation = _tuple(stride, d, "stride"), _tuple(dilation, d, "dilation")
@@ -181,6 +218,8 @@ def lora_conv(
     if bias is not None and bias.dtype != x.dtype:  # e.g. an fp32 lora_B bias folded in (s·b_B)
         bias = bias.to(x.dtype)
     with torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext():
+        if groups > 1:
+            return _grouped(x, weight, bias, lora_A, lora_B, s, p, training, stride, padding, dilation, groups)
         if training and p > 0.0:
             conv = _CONV[d]
             y = conv(x, weight, bias, stride, padding, dilation)

@@ -145,25 +145,108 @@ def test_conv_merge_save_switch_disable(tmp_path):
 
 
 def test_unservable_convolutions_are_reported():
-    """Grouped, dilated and reflect-padded convolutions stay on PEFT's forward, each with its reason."""
+    """Dilated and reflect-padded convolutions stay on PEFT's forward, each with its reason."""
 
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
-            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
             self.dilated = nn.Conv2d(4, 4, 3, dilation=2, padding=2)
             self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
 
         def forward(self, x):
-            return self.reflect(self.dilated(x)) + self.grouped(x).mean()
+            return self.reflect(self.dilated(x))
 
-    model = peft.get_peft_model(Odd(), peft.LoraConfig(r=2, target_modules=["grouped", "dilated", "reflect"]))
+    model = peft.get_peft_model(Odd(), peft.LoraConfig(r=2, target_modules=["dilated", "reflect"]))
     report = fused_lora.patch_peft_model(model)
     assert not report.patched
     why = {n.split(".")[-1]: r for n, r in report.not_patched.items()}
-    assert "groups > 1" in why["grouped"] and "dilated" in why["dilated"] and "reflect" in why["reflect"]
+    assert "dilated" in why["dilated"] and "reflect" in why["reflect"]
     text = str(report)
-    assert "left on PEFT's forward: 1 x lora.Conv2d: grouped convolution" in text, text
+    assert "left on PEFT's forward: 1 x lora.Conv2d: dilated convolution" in text, text
+
+
+class Grouped(nn.Module):
+    """Grouped convolutions: a depthwise Conv1d, a Conv2d in 2 groups (odd kernel, padding), a Conv3d in 3."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.g1 = nn.Conv1d(6, 6, 3, padding=1, groups=6, bias=bias)
+        self.g2 = nn.Conv2d(6, 10, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, bias=bias)
+        self.g3 = nn.Conv3d(10, 6, 2, padding=1, groups=2, bias=bias)
+
+    def forward(self, x):  # x [b, 6, 8]
+        h = self.g1(x)  # [b, 6, 8]
+        img = self.g2(h.unsqueeze(-1).expand(-1, -1, -1, 4))  # [b, 10, 8, 2]
+        return self.g3(img.unsqueeze(-1))  # [b, 6, 9, 3, 2]
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("bias, lora_bias", [(True, False), (False, False), (True, True)])
+def test_grouped_convolutions_match_peft(use_dora, bias, lora_bias):
+    """Grouped lora.Conv1d / 2d / 3d (PEFT's dense lora_A and grouped 1×1 lora_B; r = 6, a multiple of
+    every groups) run lora_conv's grouped case, DoRA with PEFT's grouped norm: y and the gradients of x, A,
+    B, lora_B's bias and the magnitude as PEFT's; PEFT's lora_A is never called."""
+    if use_dora and lora_bias:
+        pytest.skip("PEFT's DoRA takes no lora_bias")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=6, lora_alpha=5, target_modules=["g1", "g2", "g3"], init_lora_weights=False,
+                             use_dora=use_dora, lora_bias=lora_bias)  # fmt: skip
+    model = peft.get_peft_model(Grouped(bias), config).train()
+    ref = copy.deepcopy(model)
+    report = fused_lora.patch_peft_model(model)
+    assert len(report.patched) == 3 and not report.not_patched, report
+    calls = lora_A_calls(model)
+    assert_matches_peft(model, ref, torch.randn(2, 6, 8))
+    assert calls[0] == 0, "the patched convolutions must not run PEFT's lora_A"
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_grouped_convolution_dropout_and_eval(use_dora):
+    """Grouped with lora_dropout: in training the dropped input feeds lora_A with PEFT's draw (same seed,
+    same mask: LoRA matches PEFT; DoRA's 'fused' formula equals PEFT's in eval); in eval, as PEFT's."""
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=6, target_modules=["g1", "g2", "g3"], init_lora_weights=False, lora_dropout=0.4,
+                             use_dora=use_dora)  # fmt: skip
+    model = peft.get_peft_model(Grouped(), config).train()
+    ref = copy.deepcopy(model)
+    fused_lora.patch_peft_model(model)
+    x = torch.randn(2, 6, 8)
+    if not use_dora:
+        assert_matches_peft(model, ref, x, seed=3)
+    model.eval(), ref.eval()
+    calls = lora_A_calls(model)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert calls[0] == 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_grouped_convolutions_bf16_model_fp32_adapters(use_dora):
+    """A bf16 model (PEFT keeps the adapters in fp32): the low-rank path in fp32, added to the bf16 base
+    output, as PEFT's promotion does; y and the gradients by the parity rule."""
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=6, target_modules=["g1", "g2", "g3"], init_lora_weights=False, use_dora=use_dora)
+    model = peft.get_peft_model(Grouped().to(torch.bfloat16), config).train()
+    assert model.base_model.model.g2.lora_A.default.weight.dtype == torch.float32
+    ref = copy.deepcopy(model)
+    assert len(fused_lora.patch_peft_model(model).patched) == 3
+    calls = lora_A_calls(model)
+    assert_matches_peft(model, ref, torch.randn(2, 6, 8, dtype=torch.bfloat16))
+    assert calls[0] == 0
+
+
+def test_grouped_lora_conv_checks_shapes():
+    """lora_conv with groups names the argument and the shapes it wants."""
+    from fused_lora.conv_function import lora_conv
+
+    x, w, A = torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"lora_B \[6, 4\] must be \[out, r/groups\] = \[6, 2\]"):
+        lora_conv(x, w, A, torch.randn(6, 4), 1.0, groups=2)
+    with pytest.raises(ValueError, match="rank 3 must be a multiple of groups = 2"):
+        lora_conv(x, w, torch.randn(3, 4, 3, 3), torch.randn(6, 1), 1.0, groups=2)
+    with pytest.raises(ValueError, match="groups must be an int >= 1 dividing out = 6"):
+        lora_conv(x, w, A, torch.randn(6, 2), 1.0, groups=4)
+    with pytest.raises(ValueError, match=r"x \[1, 4, 5, 5\] must be \[batch, 6, ...\]"):
+        lora_conv(x, w, A, torch.randn(6, 1), 1.0, groups=3)
 
 
 @pytest.mark.parametrize("target", [["lin"], ["gpt"]])
@@ -461,3 +544,42 @@ def test_lora_like_variants_match_peft(variant):
     before = LAUNCHES.copy()
     assert_matches_peft(model, ref, torch.randn(2, 3, 11))
     assert (LAUNCHES - before)["_shrink_kernel"] == 1
+
+
+@pytest.mark.parametrize("lora_bias, dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_kasa_matches_peft(lora_bias, dropout, tmp_path):
+    """KaSA (a learned σ between A and B; W truncated by PEFT at init) runs the kernels with A' = σ ⊙ A: y
+    and the gradients of x, A, B, σ (and lora_B's bias) as PEFT's at p = 0; with dropout, eval equals PEFT's;
+    merge / unmerge and save / load are PEFT's."""
+    from peft.tuners.lora.config import KasaConfig
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=3, target_modules=["lin"], kasa_config=KasaConfig(), lora_bias=lora_bias,
+                             lora_dropout=dropout)  # fmt: skip
+    model = peft.get_peft_model(Net(), config).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ref = copy.deepcopy(model)
+    assert fused_lora.patch_peft_model(model).patched == ["base_model.model.lin"]
+    x = torch.randn(2, 3, 11)
+    before = LAUNCHES.copy()
+    if dropout == 0.0:
+        assert_matches_peft(model, ref, x)
+        assert any("lora_diag" in n for n in step(model, x)[2])
+    else:
+        step(model, x)
+    assert (LAUNCHES - before)["_shrink_kernel"] >= 1
+    model.eval(), ref.eval()
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    close(model(x), ref(x))
+    model.merge_adapter(), ref.merge_adapter()
+    close(model(x), ref(x))
+    model.unmerge_adapter(), ref.unmerge_adapter()
+    close(model(x), ref(x))
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(Net(), tmp_path)  # KaSA truncates the fresh W as it did the first
+    assert fused_lora.patch_peft_model(loaded).patched == ["base_model.model.lin"]
+    close(loaded(x), ref(x))

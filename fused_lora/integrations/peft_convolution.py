@@ -9,10 +9,16 @@ generator state). ``lora_bias``: lora_B's bias, times s, is folded into the conv
 (m/n) per output channel around that convolution, n from the factored norm (fused_lora.dora); with
 dropout in training under ``dora_formula`` "peft" the call goes to PEFT's forward.
 
-Served when PEFT's pair composes to a W-shaped delta; otherwise left on PEFT's forward, with the reason:
-groups > 1 (PEFT's lora_A is a dense convolution and lora_B grouped: their product is not W's grouped
-shape), a dilated base (PEFT's lora_A is not dilated), ``padding_mode`` other than zeros (lora_A pads
-with zeros), an asymmetric ``padding='same'``.
+**Grouped** bases (groups G > 1): PEFT's lora_A is a dense convolution and lora_B a grouped 1×1
+([N, r/G, 1, …]); their delta is dense over the input channels, not W's grouped shape, so there is no
+merged convolution: lora_conv's grouped case runs PEFT's factored math with the 1×1, the scale and the add
+as one batched GEMM into the base output (see conv_function; the same cost class as PEFT's, one pass less).
+DoRA on a grouped base uses PEFT's norm as PEFT defines it there: ‖W + s·L‖ per output channel with
+L = (B.view(-1, r)·A.view(r, -1)).reshape(W.shape) (B·A's elements laid into W's shape, not the pair's
+dense delta), computed directly (W's size, fp32).
+
+Left on PEFT's forward, with the reason: a dilated base (PEFT's lora_A is not dilated), ``padding_mode``
+other than zeros (lora_A pads with zeros), an asymmetric ``padding='same'``.
 """
 
 from __future__ import annotations
@@ -28,15 +34,15 @@ from .peft_linear import dropout_reason, lora_bias
 _TORCH_CONV = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
 
-def conv_base_reason(base: nn.Module, conv_cls: type) -> str | None:
-    """A base convolution that lora_conv can run as the base's own forward would."""
+def conv_base_reason(base: nn.Module, conv_cls: type, groups_ok: bool = False) -> str | None:
+    """A base convolution that lora_conv can run as the base's own forward would (grouped: if `groups_ok`)."""
     if not isinstance(base, conv_cls) or type(base).forward is not conv_cls.forward:
         return f"custom convolution base layer ({type(base).__name__})"
     if not base.weight.is_floating_point():
         return f"quantized convolution base layer ({base.weight.dtype})"
     if hooked(base):
         return "base layer has forward hooks (e.g. accelerate offloading)"
-    if base.groups != 1:
+    if base.groups != 1 and not groups_ok:
         return "grouped convolution (groups > 1): the adapter's delta is not of W's grouped shape"
     if base.padding_mode != "zeros":
         return f"padding_mode={base.padding_mode!r} (the low-rank path pads with zeros)"
@@ -49,7 +55,7 @@ def conv_base_reason(base: nn.Module, conv_cls: type) -> str | None:
 
 def _base_reason(layer) -> str | None:
     base = layer.get_base_layer()
-    why = conv_base_reason(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)[layer._kernel_dim - 3])
+    why = conv_base_reason(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)[layer._kernel_dim - 3], groups_ok=True)
     if why is None and any(d != 1 for d in base.dilation):
         return "dilated convolution (PEFT's lora_A is not dilated)"
     return why
@@ -69,7 +75,7 @@ def _pair_reason(layer, adapter: str) -> str | None:
     d = base.weight.dim() - 2
     same = (a.kernel_size, a.stride, a.padding) == (base.kernel_size, base.stride, base.padding)
     plain_a = a.dilation == _ones(d) and a.groups == 1 and a.padding_mode == "zeros" and a.bias is None
-    one_b = (b.kernel_size, b.stride, b.dilation, b.groups) == (_ones(d), _ones(d), _ones(d), 1)
+    one_b = (b.kernel_size, b.stride, b.dilation, b.groups) == (_ones(d), _ones(d), _ones(d), base.groups)
     if not (type(a) is type(b) is type(base) and same and plain_a and one_b and b.padding in ((0,) * d, "valid")):
         return "lora_A / lora_B are not the convolution pair PEFT builds"
     return None
@@ -86,11 +92,11 @@ def _forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     base, dropout, scaling = layer.get_base_layer(), layer.lora_dropout[adapter], layer.scaling[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    B = B.view(B.shape[0], B.shape[1])  # [N, r, 1, …] -> [N, r]
+    B = B.view(B.shape[0], B.shape[1])  # [N, r/G, 1, …] -> [N, r/G]
     bias = lora_bias(layer, adapter, base.bias, scaling)
     return lora_conv(
         x, base.weight, A, B, scaling, bias, p, dropout.training,
-        stride=base.stride, padding=base.padding, dilation=base.dilation,
+        stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups,
     )  # fmt: skip
 
 
@@ -110,6 +116,17 @@ def _dora_servable(layer, adapter: str, x: torch.Tensor) -> bool:
     return _servable(layer, adapter, x) and not peft_dropout and m.is_floating_point()
 
 
+def grouped_dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's DoRA norm on a grouped convolution (detached, [N], fp32 or float64): ‖W_j + s·L_j‖ over (C/G, *k)
+    with L = (B.view(-1, r)·A.view(r, -1)).reshape(W.shape); W [N, C/G, *k], A [r, C, *k], B [N, r/G]."""
+    with torch.no_grad():
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        r = A.shape[0]
+        low = B.reshape(-1, r).to(acc) @ A.reshape(r, -1).to(acc)  # [N/G, C·k^d]: W's element count
+        full = torch.add(weight.to(acc), low.reshape(weight.shape), alpha=scaling)
+        return full.flatten(1).norm(dim=1)
+
+
 def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA convolution: y = (m/n) ⊙ conv(x, W + s·B·A) + bias per output channel (with dropout,
     the low-rank pair on the dropped input: the 'fused' formula), n_j = ‖W_j + s·(B·A)_j‖ over (C, *k)."""
@@ -118,10 +135,13 @@ def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     B = B.view(B.shape[0], B.shape[1])
     w = base.weight
-    n = dora_norm(w.view(w.shape[0], -1), A.reshape(A.shape[0], -1), B, scaling)
+    if base.groups == 1:
+        n = dora_norm(w.view(w.shape[0], -1), A.reshape(A.shape[0], -1), B, scaling)
+    else:
+        n = grouped_dora_norm(w, A, B, scaling)
     m = layer.lora_magnitude_vector[adapter].weight.reshape(-1)  # PEFT's is [1, N, 1, …]
     z = lora_conv(x, w, A, B, scaling, None, p, dropout.training, stride=base.stride, padding=base.padding,
-                  dilation=base.dilation)  # fmt: skip
+                  dilation=base.dilation, groups=base.groups)  # fmt: skip
     shape = (1, -1) + (1,) * (z.dim() - 2)
     dt = torch.promote_types(z.dtype, m.dtype)
     c = (m / n.to(m.dtype)).to(dt).view(shape)

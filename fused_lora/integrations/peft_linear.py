@@ -7,6 +7,8 @@ MultiheadAttention's ``out_proj``, or GPT-2's ``Conv1D`` with ``fan_in_fan_out``
     bias' = bias + s·b_B   with lora_bias=True     (PEFT computes lora_B(lora_A(drop(x)))·s, b_B included)
     DoRA: y = (m/n)·(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias   :func:`fused_lora.dora.dora_linear` (n without B·A;
           with dropout in training, PEFT's own formula under ``dora_formula`` "peft")
+    KaSA: y = x·Wᵀ + bias' + s·(drop(x)·(diag(σ)·A)ᵀ)·Bᵀ   the same call with A' = σ ⊙ A ([r, in], formed
+          per step; W is the SVD-truncated weight PEFT wrote at init)
 
 so lora_B's bias is folded into the bias the fused GEMM adds (trainable: its gradient is s·Σ dY, as
 PEFT's); PEFT's merge adds s·b_B to the base bias, which the subclass leaves to PEFT. ``lora.Embedding``
@@ -125,6 +127,23 @@ def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     return dora_linear(x, base_weight(layer), A, B, m, scaling, layer.get_base_layer().bias, p, layer.training)
 
 
+def _kasa_servable(layer, adapter: str, x: torch.Tensor) -> bool:
+    """As LoRA's; not while PEFT's deferred SVD truncation (meta-device init) is pending: PEFT's forward
+    applies it on the first call."""
+    pending = adapter in getattr(layer, "_lora_kasa_truncation_deferred", ())
+    return not pending and _linear_servable(layer, adapter, x)
+
+
+def _kasa_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's KaSA: y = x·Wᵀ + bias' + s·B·(σ ⊙ A·drop(x)) — LoRA with A' = σ ⊙ A (differentiable in σ and A)."""
+    dropout, scaling = layer.lora_dropout[adapter], layer.scaling[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    bias = lora_bias(layer, adapter, layer.get_base_layer().bias, scaling)
+    A = layer.lora_A[adapter].weight
+    A = (A * layer.lora_diag[adapter].unsqueeze(1)).to(A.dtype)
+    return lora_linear(x, base_weight(layer), A, layer.lora_B[adapter].weight, scaling, bias, p, dropout.training)
+
+
 def _lora_like(name: str, variant: str) -> AdapterPath:
     """A path for a LoRA variant whose forward is LoRA's own."""
     return AdapterPath(name, both(is_variant(variant), dropout_reason), _linear_forward, _linear_servable)
@@ -144,6 +163,8 @@ LINEAR = register_kind(
             _lora_like("BD-LoRA", "BdLoraLinearVariant"),
             # DoRA: the column scale m/n around the fused GEMM, n from the factored norm (fused_lora.dora)
             AdapterPath("DoRA", _dora_reason, _dora_forward, _dora_servable),
+            # KaSA: the learned singular values σ folded into lora_A per call (σ ⊙ A, [r, in])
+            AdapterPath("KaSA", both(is_variant("KasaLinearVariant"), dropout_reason), _kasa_forward, _kasa_servable),
         ],
     )
 )

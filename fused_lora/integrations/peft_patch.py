@@ -9,11 +9,12 @@ adapters it can serve has its class swapped for a subclass whose forward runs fu
 layer's own parameters:
 
 - ``lora.Linear`` (an ``nn.Linear`` or GPT-2 ``Conv1D`` base; ``lora_bias`` folded into the bias; the MiCA
-  and BD-LoRA variants, whose forward is LoRA's) and
+  and BD-LoRA variants, whose forward is LoRA's; KaSA with σ ⊙ A) and
   ``lora.ParamWrapper`` on an ``nn.Linear``'s weight: :func:`fused_lora.lora_linear` (peft_linear, peft_param);
 - ``lora.Embedding`` (a plain ``nn.Embedding``): :func:`fused_lora.lora_embedding` (peft_linear);
-- ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` (groups 1, zero padding, no dilation): one convolution with
-  W + s·B·A, :func:`fused_lora.conv_function.lora_conv` (peft_convolution);
+- ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` (zero padding, no dilation): one convolution with W + s·B·A,
+  :func:`fused_lora.conv_function.lora_conv` (peft_convolution); grouped bases: PEFT's factored pair with
+  the grouped 1×1, the scale and the add as one batched GEMM;
 - ``adalora.SVDLinear`` / ``SVDConv2d``: A⊙E·s/(ranknum + 1e-5) formed per step, then ``lora_linear`` /
   ``lora_conv`` (peft_adalora);
 - ``lora.MultiheadAttention``: the merged weights formed once per call, no merge/unmerge (peft_mha);
