@@ -14,6 +14,15 @@ through fp32 atomics into zeroed buffers (tiles visited in a program-rotated ord
 queue on the same addresses), or, in deterministic mode, into one slice per program that the host sums
 in a fixed order. The accumulators are allocated zeroed by the call that launches the kernel.
 
+**Split** (``splits`` S > 1, when the bands alone would leave SMs idle: M ≤ 2048, or r > 64): two
+launches of the same body. PHASE 1, grid (bands, rank blocks, S): program (band, ·, j) streams the j-th
+of S chunks of its dY band along N, adds its partial g (scaled) into a zeroed fp32 g (atomics; in
+deterministic mode its own slice of [S, M, r], summed on the host in a fixed order) and its partial dB
+(its N columns of the band's slice: disjoint, so deterministic mode needs no more memory). PHASE 2, grid
+(bands, rank blocks, S): program (band, ·, j) loads the complete g of its band and streams the j-th chunk
+of its x band along K for its partial dA (likewise). The cost: g [M, r] fp32 written and read once more
+(0.5 MB at M = 8192, r = 16) and a second launch; the gain: S times the programs (bytes in flight).
+
 Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else in TF32X3 (fp32 accuracy for g);
 dB and dA are TF32X3 for fp32 adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters
 (no fp16 overflow of g or xa) and native for bf16 ones (precision.py).
@@ -31,7 +40,7 @@ from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
 from .precision import lora_dot, lora_mode, native_16bit
-from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
+from .utils import bucket, check_interpretable, launch, num_programs, rank_pad, row_padded
 
 
 # fmt: off
@@ -47,10 +56,14 @@ def _lora_grad_kernel(
     # scalars: s/(1-p), round(p·2^16)
     scale_g, threshold,
     # meta-parameters
+    # split (PHASE 1 / 2): tiles per chunk along N and along K, and g's per-split stride (deterministic)
+    n_chunk, k_chunk, stride_gs,
+    # meta-parameters
     R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
     DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, G_MODE: tl.constexpr, G_DTYPE: tl.constexpr,
     D_MODE: tl.constexpr, D_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PHASE: tl.constexpr = 0,  # 0: both passes; 1: the dY pass over one N chunk; 2: the x pass over one K chunk
 ):
     # fmt: on
     pid = tl.program_id(0)
@@ -63,55 +76,71 @@ def _lora_grad_kernel(
     if DETERMINISTIC:  # this program's own slice of the partial-sum buffers
         db_ptr += pid.to(tl.int64) * stride_dbp
         da_ptr += pid.to(tl.int64) * stride_dap
-
-    # Pass 1 over the dY band: g += dY·B and, per tile, partial dB = dYᵀ·xa.
-    if COMPUTE_DB:
-        xa = tl.load(
-            xa_ptr + rows64[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-            mask=row_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-    g = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     num_n = tl.cdiv(N, BLOCK_N)
-    for i in range(0, num_n):
-        nb = (i + pid) % num_n
-        offs_n = nb * BLOCK_N + offs_t
-        col_ok = offs_n < N
-        dy = tl.load(
-            dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=col_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        g = lora_dot(dy, b, g, G_MODE, G_DTYPE)
+    num_k = tl.cdiv(K, BLOCK_N)
+    n_lo, n_len = 0, num_n
+    k_lo, k_len = 0, num_k
+    if PHASE == 1:
+        n_lo = tl.program_id(2) * n_chunk
+        n_len = tl.minimum(n_chunk, num_n - n_lo)
+        if DETERMINISTIC:
+            g_ptr += tl.program_id(2).to(tl.int64) * stride_gs
+    if PHASE == 2:
+        k_lo = tl.program_id(2) * k_chunk
+        k_len = tl.minimum(k_chunk, num_k - k_lo)
+
+    # Pass 1 over the dY band (one N chunk in PHASE 1): g += dY·B and, per tile, partial dB = dYᵀ·xa.
+    if PHASE != 2:
         if COMPUTE_DB:
-            part = lora_dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), D_MODE, D_DTYPE)
-            db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
-            db_mask = col_ok[:, None] & rank_ok[None, :]
-            if DETERMINISTIC:
-                tl.store(db_ptrs, part, mask=db_mask)
-            else:
-                tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
-    g = g * scale_g
-    if STORE_G:
-        tl.store(
+            xa = tl.load(
+                xa_ptr + rows64[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                mask=row_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+        g = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+        for i in range(0, n_len):
+            nb = n_lo + (i + pid) % n_len
+            offs_n = nb * BLOCK_N + offs_t
+            col_ok = offs_n < N
+            dy = tl.load(
+                dy_ptr + rows64[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=col_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+            g = lora_dot(dy, b, g, G_MODE, G_DTYPE)
+            if COMPUTE_DB:
+                part = lora_dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), D_MODE, D_DTYPE)
+                db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+                db_mask = col_ok[:, None] & rank_ok[None, :]
+                if DETERMINISTIC:
+                    tl.store(db_ptrs, part, mask=db_mask)
+                else:
+                    tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
+        g = g * scale_g
+        g_ptrs = g_ptr + rows64[:, None] * stride_gm + offs_r[None, :] * stride_gr
+        if PHASE == 1 and not DETERMINISTIC:  # a partial g: summed across the N chunks
+            tl.atomic_add(g_ptrs, g, mask=row_ok[:, None] & rank_ok[None, :], sem="relaxed")
+        elif STORE_G or PHASE == 1:
+            tl.store(g_ptrs, g, mask=row_ok[:, None] & rank_ok[None, :])
+    else:  # PHASE 2: the band's g, complete (and scaled) in memory
+        g = tl.load(
             g_ptr + rows64[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-            g,
             mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
         )
 
-    # Pass 2 over the x band: partial dA = gᵀ·(x ⊙ mask).
-    if COMPUTE_DA:
+    # Pass 2 over the x band (one K chunk in PHASE 2): partial dA = gᵀ·(x ⊙ mask).
+    if COMPUTE_DA and PHASE != 1:
         gt = tl.trans(g)
         if DROPOUT:
             seed = tl.load(seed_ptr)
-        num_k = tl.cdiv(K, BLOCK_N)
-        for i in range(0, num_k):
-            kb = (i + pid) % num_k
+        for i in range(0, k_len):
+            kb = k_lo + (i + pid) % k_len
             offs_k = kb * BLOCK_N + offs_t
             col_ok = offs_k < K
             x = tl.load(
@@ -168,34 +197,87 @@ def lora_grad(
         DETERMINISTIC=deterministic, G_MODE=g_mode, G_DTYPE=g_dtype, D_MODE=d_mode, D_DTYPE=d_dtype,
     )  # fmt: skip
 
-    def run(c: GradConfig):
-        bands = triton.cdiv(M, c.BLOCK_M)
+    def run(c: GradConfig, splits: int = 1):
+        bands, rblocks = triton.cdiv(M, c.BLOCK_M), triton.cdiv(R, r_block)
         if deterministic:  # one partial-sum slice per row band, summed below in a fixed order
             db = torch.empty((bands, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
             da = torch.empty((bands, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
         else:  # atomics into zeroed buffers owned by this call (separate: returned tensors never alias)
             db = torch.zeros((1, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
             da = torch.zeros((1, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
-        g = row_padded(M, R, dev) if need_g else xa
-        # fmt: off
-        launch(
-            _lora_grad_kernel, (bands, triton.cdiv(R, r_block)),
-            dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
-            M, N, K, R,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-            x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-            db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
-            da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
-            float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p),
-            **variant, **config_kwargs(c),
-        )
-        # fmt: on
+
+        def go(grid, g, phase, n_chunk=0, k_chunk=0, stride_gs=0, **meta):
+            # fmt: off
+            launch(
+                _lora_grad_kernel, grid,
+                dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
+                M, N, K, R,
+                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+                x.stride(0), x.stride(1), g.stride(-2), g.stride(-1),
+                db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
+                da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
+                float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p), n_chunk, k_chunk, stride_gs,
+                **{**variant, **meta}, PHASE=phase, **config_kwargs(c),
+            )
+            # fmt: on
+
+        if splits == 1:
+            g = row_padded(M, R, dev) if need_g else xa
+            go((bands, rblocks), g, 0)
+        else:  # two launches: the dY pass in N chunks (partial g), then the x pass in K chunks
+            num_n, num_k = triton.cdiv(N, c.BLOCK_N), triton.cdiv(K, c.BLOCK_N)
+            n_chunk, k_chunk = triton.cdiv(num_n, splits), triton.cdiv(num_k, splits)
+            n_splits, k_splits = triton.cdiv(num_n, n_chunk), triton.cdiv(num_k, k_chunk)
+            g = row_padded(M, R, dev)
+            once = dict(COMPUTE_DA=False, DROPOUT=False)  # the dY pass reads neither x nor the mask
+            if deterministic:  # one slice of partial g per N chunk, summed in a fixed order
+                parts = torch.empty((n_splits, M, R), dtype=torch.float32, device=dev)
+                go((bands, rblocks, n_splits), parts, 1, n_chunk, stride_gs=parts.stride(0), **once)
+                g.copy_(parts.sum(0))
+            else:
+                g.zero_()
+                go((bands, rblocks, n_splits), g, 1, n_chunk, **once)
+            if need_dA:
+                go((bands, rblocks, k_splits), g, 2, 0, k_chunk, STORE_G=False, COMPUTE_DB=False)
         reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
         return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)
 
-    if deterministic:
-        return run(deterministic_entry("grad", e, r_block, arch))
+    def runner(name: str):
+        base, _, split = name.partition(" split")
+        return lambda: run(configs[base], int(split) if split else 1)
+
+    forced = tuning.forced("grad")  # a split the heuristic would not pick, asked for by name (tests)
+    if deterministic:  # the fixed entry and the shape's split: no choice depends on timing
+        c = deterministic_entry("grad", e, r_block, arch)
+        splits = grad_splits(triton.cdiv(M, c.BLOCK_M) * triton.cdiv(R, r_block), N, K, c.BLOCK_N, dev)
+        if forced is not None and forced.partition(" split")[0] == config_name(c) and " split" in forced:
+            splits = int(forced.partition(" split")[2])
+        return run(c, splits)
     configs = {config_name(c): c for c in admitted(grad_table(), keep_grad, e, r_block, arch)}
+    names = []
+    for n, c in configs.items():
+        splits = grad_splits(triton.cdiv(M, c.BLOCK_M) * triton.cdiv(R, r_block), N, K, c.BLOCK_N, dev)
+        names += [f"{n} split{splits}", n] if splits > 1 else [n]
+    if forced is not None and forced not in names and forced.partition(" split")[0] in configs:
+        names.append(forced)
     key = (str(dy.dtype), str(lora_B.dtype), bucket(M), N, K, r_block, need_g, need_dA, need_dB, dropout)
-    chosen = tuning.table("grad").pick(key, list(configs), lambda n: (lambda: run(configs[n])), dev)
-    return run(configs[chosen])
+    chosen = tuning.table("grad").pick(key, names, runner, dev)
+    return runner(chosen)()
+
+
+# A split grad pass streams at least this many tiles per program along N and along K.
+MIN_SPLIT_TILES = 4
+
+
+def grad_splits(programs: int, N: int, K: int, block_n: int, device: torch.device) -> int:
+    """How many chunks of N (and of K) the grad pass splits each band into: 1 (one launch) when the
+    `programs` (bands × rank blocks) already give every SM two, else enough for two per SM, each chunk
+    at least MIN_SPLIT_TILES tiles. Off the GPU, 1 (tests ask for splits by name). A model of what fills
+    the GPU — the tuner also times the unsplit launch and keeps whichever is faster."""
+    if device.type != "cuda":
+        return 1
+    want = 2 * num_programs(device)
+    if programs >= want:
+        return 1
+    tiles = min(triton.cdiv(N, block_n), triton.cdiv(K, block_n)) // MIN_SPLIT_TILES
+    return max(1, min(triton.cdiv(want, programs), tiles, 16))

@@ -51,6 +51,11 @@ def force(table: str, choice: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+def forced(table: str) -> str | None:
+    """The choice :func:`force` set for `table` in this thread / task, or None."""
+    return _FORCED.get().get(table)
+
+
 _ON, _OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 

@@ -201,9 +201,10 @@ def test_grouped_convolutions_match_peft(use_dora, bias, lora_bias):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_grouped_convolution_dropout_and_eval(use_dora):
+def test_grouped_convolution_dropout_and_eval(use_dora, tmp_path):
     """Grouped with lora_dropout: in training the dropped input feeds lora_A with PEFT's draw (same seed,
-    same mask: LoRA matches PEFT; DoRA's 'fused' formula equals PEFT's in eval); in eval, as PEFT's."""
+    same mask: LoRA matches PEFT; DoRA's 'fused' formula equals PEFT's in eval); in eval, as PEFT's; saved
+    and loaded, patched again, as PEFT's; merging refused as PEFT refuses it (groups > 1)."""
     torch.manual_seed(1)
     config = peft.LoraConfig(r=6, target_modules=["g1", "g2", "g3"], init_lora_weights=False, lora_dropout=0.4,
                              use_dora=use_dora)  # fmt: skip
@@ -217,6 +218,13 @@ def test_grouped_convolution_dropout_and_eval(use_dora):
     calls = lora_A_calls(model)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
     assert calls[0] == 0
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(1)  # the same base weights
+    loaded = peft.PeftModel.from_pretrained(Grouped(), tmp_path).eval()
+    assert len(fused_lora.patch_peft_model(loaded).patched) == 3
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        model.merge_adapter()
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
