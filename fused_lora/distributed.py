@@ -88,6 +88,37 @@ def reshard_fsdp_owners(module: nn.Module) -> None:
             owner.reshard()
 
 
+def fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP2 manages `module`'s own parameters (it, or a unit above it, was ``fully_shard``-ed).
+
+    Inside its forward such a module holds unsharded copies that FSDP2 fills by all-gather with their
+    version counters preserved (``_unsafe_preserve_version_counter``), so a cache keyed on a tensor's
+    version (DoRA's ‖W‖², fused_lora.dora) would miss a change made to the sharded parameters between
+    forwards (an in-place edit, a state_dict load). Uses FSDP2's module registry (torch-internal); the
+    answer is kept on the module until the registry changes size (a unit added or freed)."""
+    if _dist() is None:
+        return False
+    if any(is_dtensor(p) for p in module.parameters(recurse=False)):
+        return True
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch: no FSDP2
+        return False
+    size = len(_module_state_mapping)
+    if size == 0:
+        return False
+    hit = module.__dict__.get("_fused_lora_fsdp_managed")
+    if hit is not None and hit[0] == size:
+        return hit[1]
+    managed = any(
+        isinstance(owner, FSDPModule) and any(m is module for m in owner.modules())
+        for owner in list(_module_state_mapping)
+    )
+    module.__dict__["_fused_lora_fsdp_managed"] = (size, managed)
+    return managed
+
+
 def reshard_all(model: nn.Module) -> None:
     """Every FSDP2 unit inside `model` holds its parameters sharded (see :func:`reshard_fsdp_owners`)."""
     if _dist() is None:

@@ -33,7 +33,7 @@ FUSED_LORA_DORA_FORMULA=peft.
 **Gradients** follow from autograd through the column scale: dz = dY ⊙ (m/n) runs the LoRA backward
 (dX, dA, dB on the kernels), dm_j = Σ_t dY_tj·z_tj / n_j. Saved for backward beyond LoRA's: z (the fused
 GEMM's output, [M, out] in x's dtype) and the [out] scale. The scale is its own pair of memory-bound
-kernels (kernels/column_scale.py: fp32 arithmetic, 16-bit tensors, one pass each way; torch's ops with
+kernels (fused_lora/kernels/column_scale.py: fp32 arithmetic, 16-bit tensors, one pass each way; torch's ops with
 an fp32 magnitude would make fp32 [M, out] temporaries), but dz reaches the LoRA kernels rounded to x's dtype — as dY always does for LoRA — where PEFT's promotion
 keeps its DoRA term's gradient in fp32: dA and dB are then as precise as x's dtype allows, not fp32's.
 Not yet fused: the scale in the GEMM's epilogue (before the bias) and dY scaled inside the backward
@@ -92,10 +92,12 @@ def _sq_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+def weight_sq_norms(weight: torch.Tensor, cache: bool = True) -> torch.Tensor:
     """‖W_j‖² per row of W [out, in], float64, cached for this tensor until its version changes (an
-    in-place edit, a state_dict load, a merge). Under torch.compile: computed, not cached."""
-    if torch.compiler.is_compiling():
+    in-place edit, a state_dict load, a merge). Under torch.compile, or with `cache` False (a weight whose
+    version does not follow its values: FSDP2's unsharded copies, fused_lora.distributed.fsdp_managed):
+    computed, not cached."""
+    if torch.compiler.is_compiling() or not cache:
         return _sq_norms(weight)
     owner = weight._base if weight._base is not None else weight  # a transposed view: its base's entry
     key = (weight._version, tuple(weight.shape), weight.stride(), weight.storage_offset(), weight.dtype)
@@ -124,13 +126,15 @@ def _w_times_at(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              cache: bool = True) -> torch.Tensor:  # fmt: skip
     """n_j = ‖W_j + s·(B·A)_j‖ for W [out, in], A [r, in], B [out, r]: fp32 [out], detached, without
-    forming B·A (the factored form of the module docstring, with its cancellation guard)."""
+    forming B·A (the factored form of the module docstring, with its cancellation guard). `cache`: may
+    ‖W_j‖² come from the per-version cache (:func:`weight_sq_norms`)."""
     w = weight.detach()
     a, b = lora_A.detach().double(), lora_B.detach().double()
     s = float(scaling)
-    w_sq = weight_sq_norms(weight)
+    w_sq = weight_sq_norms(weight, cache)
     p, eps = _w_times_at(w, lora_A)
     n_sq = w_sq + 2 * s * (p * b).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
     bound = 2 * abs(s) * eps * w_sq.sqrt() * (b.abs() @ a.norm(dim=1))
@@ -171,12 +175,14 @@ def dora_linear(
     *,
     formula: str | None = None,
     norm: torch.Tensor | None = None,
+    cache_norm: bool = True,
 ) -> torch.Tensor:
     """y = (m/n) ⊙ (x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias — DoRA, PEFT's semantics, on the fused kernels.
 
     x [..., in], weight [out, in] in x's dtype, lora_A [r, in] / lora_B [out, r] in x's dtype or fp32,
     magnitude [out] (fp32 or x's dtype; trainable), bias [out] or None. n = :func:`dora_norm` (detached),
-    or `norm` [out] when the caller has it. `formula` ('fused' | 'peft', default the ``dora_formula``
+    or `norm` [out] when the caller has it (`cache_norm` False: ‖W‖² not taken from the per-version cache,
+    as for FSDP2's unsharded copies). `formula` ('fused' | 'peft', default the ``dora_formula``
     setting) decides what dropout in training means (module docstring); p = 0 and eval agree either way.
     """
     _check_magnitude(magnitude, weight)
@@ -184,7 +190,7 @@ def dora_linear(
     p = check_dropout(dropout_p) if training else 0.0
     chosen = get_dora_formula() if formula is None else DORA_FORMULA.check(formula, "formula")
     if norm is None:
-        norm = dora_norm(weight, lora_A, lora_B, s)
+        norm = dora_norm(weight, lora_A, lora_B, s, cache_norm)
     scale = magnitude / norm.to(magnitude.dtype).detach()  # [out], differentiable in m
     if chosen == "peft" and p > 0.0:
         # PEFT's: x·Wᵀ + b + (m/n − 1)·(drop(x)·Wᵀ) + (m/n)·s·drop(x)·Aᵀ·Bᵀ, torch's dropout on x
@@ -200,7 +206,7 @@ def dora_linear(
 
 
 class _ColumnScale(torch.autograd.Function):
-    """y = z ⊙ c + bias through kernels/column_scale.py (fp32 arithmetic, z's dtype in memory)."""
+    """y = z ⊙ c + bias through fused_lora/kernels/column_scale.py (fp32 arithmetic, z's dtype in memory)."""
 
     @staticmethod
     def forward(ctx, z, c, bias):
@@ -209,7 +215,9 @@ class _ColumnScale(torch.autograd.Function):
         z2 = z.reshape(-1, z.shape[-1])
         ctx.save_for_backward(z2, c)
         ctx.shape, ctx.has_bias = z.shape, bias is not None
-        return column_scale.scale_fwd(z2, c, bias).view(z.shape)
+        # not a view (FSDP2 hangs its pre-backward hook on a unit's output; an in-place op on a view drops
+        # it): aten._unsafe_view, as lora_linear's output
+        return torch.ops.aten._unsafe_view(column_scale.scale_fwd(z2, c, bias), z.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -217,7 +225,7 @@ class _ColumnScale(torch.autograd.Function):
 
         z2, c = ctx.saved_tensors
         dz, dc, db = column_scale.scale_bwd(dy.reshape(-1, dy.shape[-1]).contiguous(), z2, c)
-        return dz.view(ctx.shape), dc.to(c.dtype), (db if ctx.has_bias else None)
+        return torch.ops.aten._unsafe_view(dz, ctx.shape), dc.to(c.dtype), (db if ctx.has_bias else None)
 
 
 def _kernel_scale_ok(z: torch.Tensor, *vectors) -> bool:
@@ -232,7 +240,7 @@ def _kernel_scale_ok(z: torch.Tensor, *vectors) -> bool:
 def scale_columns(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """z [..., out] ⊙ scale [out] (+ bias), in fp32 arithmetic when the scale is fp32 (y and dm from an fp32
     product, rounded once to z's dtype, as PEFT's promotion does), differentiable in z, scale and bias.
-    On the kernels' backend: two memory-bound passes (kernels/column_scale.py: 4 bytes per element of y
+    On the kernels' backend: two memory-bound passes (fused_lora/kernels/column_scale.py: 4 bytes per element of y
     forward, 6 backward, for 16-bit z); elsewhere, and under torch.compile (which fuses it), torch's ops."""
     if _kernel_scale_ok(z, scale, bias):
         c = scale if scale.dtype == torch.float32 or scale.dtype == z.dtype else scale.float()

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from . import sharing
-from .distributed import full, is_dtensor, local_block
+from .distributed import copy_full_into, fsdp_managed, full, is_dtensor, local_block, reshard_fsdp_owners
 from .dora import dora_linear, dora_norm
 from .function import linear, lora_linear
 from .merging import RECORD_KEYS, ExactMerge, MergeRecord, MergeTarget, delta_product
@@ -124,11 +124,18 @@ class LoRALinear(ExactMerge, nn.Linear):
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
-        """DoRA: m = ‖W_j + s·(B·A)_j‖ per output row (PEFT's initialisation: y is then the LoRA layer's)."""
+        """DoRA: m = ‖W_j + s·(B·A)_j‖ per output row (PEFT's initialisation: y is then the LoRA layer's).
+        With FSDP2's sharded parameters a collective (W, A and B are gathered; each rank writes its block
+        of m): every rank calls it. A unit that kept unsharded copies after a forward is resharded first, so
+        that the new m reaches the parameters FSDP2 keeps (written into the copies, it was lost)."""
         if self.merged:
             raise ValueError("reset_magnitude() on a merged layer: unmerge() first")
-        n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling)
-        self.lora_magnitude.copy_(n.to(self.lora_magnitude.dtype))
+        reshard_fsdp_owners(self)
+        sharded = is_dtensor(self.weight)
+        w = full(self.weight)
+        w = w.t() if self.fan_in_fan_out else w
+        n = dora_norm(w, full(self.lora_A), full(self.lora_B), self.scaling, cache=not (sharded or fsdp_managed(self)))
+        copy_full_into(self.lora_magnitude, n)
 
     @classmethod
     def from_linear(
@@ -228,7 +235,7 @@ class LoRALinear(ExactMerge, nn.Linear):
                 raise ValueError("this merged DoRA layer has lost the norm of its unmerged weight (dora_norm)")
             n = self._dora_merge_norm
         else:
-            n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling)
+            n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling, cache=not fsdp_managed(self))
             if bool((n == 0).any()) or bool((m == 0).any()):
                 raise ValueError("DoRA merge: a zero magnitude or weight-norm row cannot be unmerged; keep it unmerged")
             self._dora_next_norm = n  # kept by merge() once W is merged
@@ -285,7 +292,8 @@ class LoRALinear(ExactMerge, nn.Linear):
             return linear(x, self._weight_nk(), self.bias)  # not a view: FSDP2's hooks hang on the output
         if self.use_dora:
             return dora_linear(x, self._weight_nk(), self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,
-                               self.bias, self.lora_dropout_p, self.training)  # fmt: skip
+                               self.bias, self.lora_dropout_p, self.training,
+                               cache_norm=not fsdp_managed(self))  # fmt: skip
         return lora_linear(
             x, self._weight_nk(), self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_dropout_p, self.training
         )

@@ -341,6 +341,83 @@ def fsdp_in_place(rank: int) -> None:
             torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def dora_model(dtype=torch.float32) -> nn.Module:
+    """tiny_model's two layers as DoRA (magnitudes from the initial W, then B made non-zero: m != n)."""
+    import fused_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        fused_lora.LoRALinear(IN, HIDDEN, R, 8, use_dora=True, dtype=dtype),
+        nn.ReLU(),
+        fused_lora.LoRALinear(HIDDEN, OUT, R, 8, fan_in_fan_out=True, use_dora=True, dtype=dtype),
+    )
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.lora_B.normal_(std=0.3)
+    return model
+
+
+def _assert_close(got: dict, want: dict, count: int) -> None:
+    assert got.keys() == want.keys() and len(got) == count, (got.keys(), want.keys())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def dora_distributed(rank: int, directory: str) -> None:
+    """DoRA LoRALinear under DDP and FSDP2: gradients of A, B and the magnitude equal one process's (the
+    kernels running); with FSDP2, an in-place edit of the sharded base weights between forwards reaches
+    the norm (FSDP2 refills its unsharded copies with their version counters preserved, so a ‖W‖² cached
+    by version went stale: 0.16 off); reset_magnitude on sharded weights (a collective) equals one
+    process's; the adapter files saved from the sharded model load into a one-process model."""
+    import fused_lora
+    import fused_lora.distributed
+    from fused_lora.distributed import full
+
+    x, target = data()
+    with fused_lora.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # FSDP2 warns when a unit returns a view
+        single = dora_model()
+        step(single, x, target)
+        want = lora_grads(single)
+        ddp = nn.parallel.DistributedDataParallel(dora_model())
+        with _kernels_launched("triton"):
+            step(ddp, x[rank::WORLD], target[rank::WORLD])
+        _assert_close(lora_grads(ddp.module), want, 6)
+        sharded = shard(dora_model())
+        with _kernels_launched("triton"):
+            step(sharded, x[rank::WORLD], target[rank::WORLD])
+        _assert_close(lora_grads(sharded), want, 6)
+
+    with fused_lora.use_backend("reference"), torch.no_grad():
+        single, model = dora_model(), shard(dora_model())
+        torch.testing.assert_close(model(x), single(x), rtol=1e-5, atol=1e-6)
+        fused_lora.distributed.reshard_all(model)  # the root unit kept unsharded copies after that forward
+        for layer in (0, 2):  # the sharded base weights changed in place, as a state_dict load does
+            model[layer].weight.to_local().mul_(0.5)
+            single[layer].weight.mul_(0.5)
+        torch.testing.assert_close(model(x), single(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"after the edit: {m}")
+        for layer in (0, 2):
+            model[layer].reset_magnitude()
+            single[layer].reset_magnitude()
+            torch.testing.assert_close(full(model[layer].lora_magnitude), single[layer].lora_magnitude,
+                                       rtol=1e-6, atol=1e-7)  # fmt: skip
+        torch.testing.assert_close(model(x), single(x), rtol=1e-5, atol=1e-6)
+
+        fused_lora.distributed.reshard_all(model)
+        with torch.no_grad():
+            for layer in (0, 2):
+                model[layer].lora_magnitude.to_local().mul_(1.5)
+                single[layer].lora_magnitude.mul_(1.5)
+        fused_lora.save_adapter(model, directory)
+        fresh = dora_model()
+        with torch.no_grad():
+            for layer in (0, 2):
+                fresh[layer].weight.mul_(0.5)
+                fresh[layer].lora_A.zero_(), fresh[layer].lora_B.zero_(), fresh[layer].lora_magnitude.zero_()
+        fused_lora.load_adapter(fresh, directory)
+        torch.testing.assert_close(fresh(x), single(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"loaded: {m}")
+
+
 def _launches():
     from fused_lora.kernels import LAUNCHES
 
@@ -362,3 +439,7 @@ def in_place(rank: int) -> None:
 def sharded_state(rank: int, directory: str) -> None:
     fsdp_merge(rank)
     fsdp_adapter_files(rank, directory)
+
+
+def dora(rank: int, directory: str) -> None:
+    dora_distributed(rank, directory)

@@ -55,3 +55,9 @@ def test_fsdp2_in_place_ops_on_every_layers_output():
 
 def test_fsdp2_merge_unmerge_state_dict_and_adapter_files(tmp_path):
     dist_workers.run(dist_workers.sharded_state, str(tmp_path / "adapter"))
+
+
+def test_dora_under_ddp_and_fsdp2(tmp_path):
+    """DoRA LoRALinear: DDP's and FSDP2's gradients (A, B, magnitude) equal one process's; an edit of the
+    sharded base weights reaches the norm; reset_magnitude and adapter files on sharded weights."""
+    dist_workers.run(dist_workers.dora, str(tmp_path / "adapter"), timeout=300.0)

@@ -92,6 +92,26 @@ def test_weight_norm_cache_follows_the_weight(monkeypatch):
     dora.dora_norm(wt.t(), a, b, 1.0)
     dora.dora_norm(wt.t(), a, b, 1.0)  # a new view object of the same tensor: still a hit
     assert len(calls) == 3
+    # a weight whose version does not follow its values (FSDP2's unsharded copies): cache=False
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(w):
+        w.mul_(0.5)
+    stale = dora.dora_norm(w, a, b, 1.0)  # the cache cannot see this change ...
+    assert len(calls) == 3 and not torch.allclose(stale.double(), _direct_norm(w, a, b, 1.0), rtol=1e-3)
+    fresh = dora.dora_norm(w, a, b, 1.0, cache=False)  # ... which is why fsdp_managed layers pass cache=False
+    assert len(calls) == 4
+    torch.testing.assert_close(fresh.double(), _direct_norm(w, a, b, 1.0), rtol=1e-6, atol=0)
+
+
+def test_dora_layer_output_is_not_a_view():
+    """FSDP2 hangs its pre-backward hook on a unit's output; an in-place op on a view drops it (garbage
+    gradients). The column-scale kernels' output came back as a .view of the [M, out] result."""
+    layer = fused_lora.LoRALinear(20, 12, 3, 6, use_dora=True)
+    x = torch.randn(2, 5, 20)
+    for backend in ("triton", "reference"):
+        with fused_lora.use_backend(backend):
+            y = layer(x)
+        assert y.shape == (2, 5, 12) and y._base is None, backend
+        y.sum().backward()
 
 
 def test_bad_magnitude_is_a_clear_error():
@@ -495,7 +515,7 @@ def test_patched_dora_embeddings_and_convolutions_match_peft(module, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_column_scale_kernels_against_float64(dtype, bias):
-    """kernels/column_scale.py: y = z ⊙ c + b and its backward (dz, dc, db) on odd shapes with leading
+    """fused_lora/kernels/column_scale.py: y = z ⊙ c + b and its backward (dz, dc, db) on odd shapes with leading
     dims, fp32 arithmetic (c fp32), against float64 autograd, within the rule; the kernels ran."""
     g = torch.Generator().manual_seed(8)
     z = torch.randn(3, 37, 53, generator=g).to(dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..conv_function import conv_padding, lora_conv
+from ..distributed import fsdp_managed
 from ..dora import dora_norm, get_dora_formula
 from .peft_kinds import AdapterPath, LayerKind, hooked, peft_lora, register_kind, variant_name, variant_reason
 from .peft_linear import dropout_reason, lora_bias
@@ -136,7 +137,7 @@ def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     B = B.view(B.shape[0], B.shape[1])
     w = base.weight
     if base.groups == 1:
-        n = dora_norm(w.view(w.shape[0], -1), A.reshape(A.shape[0], -1), B, scaling)
+        n = dora_norm(w.view(w.shape[0], -1), A.reshape(A.shape[0], -1), B, scaling, cache=not fsdp_managed(base))
     else:
         n = grouped_dora_norm(w, A, B, scaling)
     m = layer.lora_magnitude_vector[adapter].weight.reshape(-1)  # PEFT's is [1, N, 1, …]

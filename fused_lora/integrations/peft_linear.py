@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..distributed import fsdp_managed
 from ..dora import dora_linear, dora_norm, scale_columns
 from ..embedding import lora_embedding
 from ..function import lora_linear
@@ -124,7 +125,9 @@ def _dora_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     m = layer.lora_magnitude_vector[adapter].weight
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    return dora_linear(x, base_weight(layer), A, B, m, scaling, layer.get_base_layer().bias, p, layer.training)
+    base = layer.get_base_layer()
+    return dora_linear(x, base_weight(layer), A, B, m, scaling, base.bias, p, layer.training,
+                       cache_norm=not fsdp_managed(base))  # fmt: skip
 
 
 def _kasa_servable(layer, adapter: str, x: torch.Tensor) -> bool:
@@ -229,7 +232,7 @@ def _dora_embedding_forward(layer, adapter: str, x: torch.Tensor) -> torch.Tenso
     emb = layer.get_base_layer()
     A, B, s = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter], layer.scaling[adapter]
     m = layer.lora_magnitude_vector[adapter].weight
-    n = dora_norm(emb.weight.t(), A, B, s)
+    n = dora_norm(emb.weight.t(), A, B, s, cache=not fsdp_managed(emb))
     return scale_columns(_embedding_forward(layer, adapter, x), m / n.to(m.dtype))
 
 
