@@ -5,7 +5,7 @@
     with dense(weight, state, info, x.dtype) as w:   # inside an operator: the [N, K] weight the GEMM reads
         y = forward_gemm(..., w, ...)
 
-A dense W is returned as it is. A 4-bit one is dequantised (kernels/dequant.py, one launch) into the shared
+A dense W is returned as it is. A 4-bit one is dequantised (fused_lora/kernels/dequant.py, one launch) into the shared
 scratch (fused_lora/qlora_scratch.py) for the duration of the block — once in the forward for y, once in the
 backward for dX — so nothing weight-sized outlives an operator and the autograd graph saves only the packed
 bytes (the parameter itself), x, xa and the seed.

@@ -226,7 +226,7 @@ def smem_key(job: Job) -> tuple[str, int, bool, bool]:
 
 def write_smem_table(workers: int) -> int:
     """Compile every GEMM configuration's TMA variants for sm_90a, shared memory aside, and write the
-    largest allocation per key to kernels/gemm_smem.py (what keep_gemm admits by), merged with the entries
+    largest allocation per key to fused_lora/kernels/gemm_smem.py (what keep_gemm admits by), merged with the entries
     already there: run it under each Triton CI checks (3.6 and 3.8) and the table holds the largest."""
     import triton
 
@@ -243,7 +243,7 @@ def write_smem_table(workers: int) -> int:
             print(f"{job.config} {job.variant}: {row.error}", file=sys.stderr)
             return 1
         table[smem_key(job)] = max(table.get(smem_key(job), 0), row.shared)
-    path = os.path.join(os.path.dirname(__file__), "..", "kernels", "gemm_smem.py")
+    path = os.path.join(os.path.dirname(__file__), "kernels", "gemm_smem.py")
     lines = [
         '"""Shared memory (bytes) the fused GEMM\'s Hopper (TMA) path allocates, as the compiler allocated it for',
         "sm_90a: {(config name, activation bytes, dropout, one loop across tiles): bytes}, the largest over the",
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="only jobs whose kernel name or config contains this")
     ap.add_argument("--smem-table", action="store_true",
-                    help="measure the fused GEMM's shared memory on sm_90a and rewrite kernels/gemm_smem.py")
+                    help="measure the fused GEMM's shared memory on sm_90a and rewrite fused_lora/kernels/gemm_smem.py")
     ns = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)

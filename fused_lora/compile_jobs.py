@@ -106,7 +106,8 @@ def _grad_args(dt: str, sizes: dict, r: int) -> dict:
                 da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r,
                 stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
                 stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
-                stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32")
+                stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32", n_chunk="i32",
+                k_chunk="i32", stride_gs="i32")
 # fmt: on
 
 
@@ -207,11 +208,17 @@ def grad_jobs(sizes: dict) -> list[Job]:
             modes = _modes(dt, lora_dt, kept=True)
             meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
                         G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
-                        D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)  # fmt: skip
+                        D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, PHASE=0)  # fmt: skip
             variant = f"dropout {dt}, {lora_dt} A/B, r<={r}"
             args = {**_grad_args(dt, sizes, r), "b_ptr": "*" + lora_dt}
             jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, args, meta,
                             c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
+            # the split pass's two launches (fused_lora/kernels/lora_grad.py)
+            for phase, label, only in ((1, "split dY pass", dict(COMPUTE_DA=False, DROPOUT=False)),
+                                       (2, "split x pass, dropout", dict(STORE_G=False, COMPUTE_DB=False))):
+                jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), f"{label} {dt}, {lora_dt} A/B, r<={r}",
+                                args, {**meta, **only, "PHASE": phase}, c.num_warps, c.num_stages, False, archs,
+                                serial_ok=True))  # fmt: skip
     return jobs
 
 
@@ -226,7 +233,7 @@ def all_jobs(sizes: dict) -> list[Job]:
 
 
 # ======================================================================================================
-# Embedding (issue 9: fused_lora.Embedding). Appended block: kernels/embedding.py at a Llama-3-size
+# Embedding (issue 9: fused_lora.Embedding). Appended block: fused_lora/kernels/embedding.py at a Llama-3-size
 # table (128256 x 4096), 8192 tokens; every shipped configuration in each variant it can meet.
 # ======================================================================================================
 
@@ -324,7 +331,7 @@ def all_jobs(sizes: dict) -> list[Job]:
 
 
 # ======================================================================================================
-# 4-bit dequantisation (issue 17: QLoRA). Appended block: kernels/dequant.py at a Llama-3-8B MLP weight
+# 4-bit dequantisation (issue 17: QLoRA). Appended block: fused_lora/kernels/dequant.py at a Llama-3-8B MLP weight
 # (14336 x 4096), every shipped configuration, each output dtype, plain and double-quantised scales, the
 # smallest blocksize (a tile of many scale rows) and the largest (one scale per program). Compiled as
 # launched: enable_fp_fusion=False (the nested scale's product and sum must round apart, as bitsandbytes').
@@ -362,7 +369,7 @@ def all_jobs(sizes: dict) -> list[Job]:
 
 
 # ======================================================================================================
-# DoRA's column scale (issue 18). Appended block: kernels/column_scale.py at the reference shape's output
+# DoRA's column scale (issue 18). Appended block: fused_lora/kernels/column_scale.py at the reference shape's output
 # (8192 x 4096), 16-bit and fp32 tensors, fp32 scale, with and without bias.
 # ======================================================================================================
 

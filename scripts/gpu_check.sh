@@ -50,7 +50,7 @@
 #                GEMM 12 + low-rank 3 forward, grad 8 + GEMM 12 + low-rank 3 backward = 49 compiles in
 #                one worker, ~70-100 s), torch.compile reduce-overhead (inductor, ~40 s)  cap 110 s, per
 #                test 100 s
-#   warm         the tuner's candidates at the reference shape, counted from kernels/configs.py's admission
+#   warm         the tuner's candidates at the reference shape, counted from fused_lora/kernels/configs.py's admission
 #                (bf16 x, fp32 adapters, r = 16, sm_90a, TMA, triton 3.6): forward GEMM 12, dX GEMM 12 (p = 0) and 8
 #                (dropout), shrink 11 + 11, grad pass 8 + 8, low-rank term 3 + 3 + 3 = 79 compiles; one
 #                after another in the benchmark's process (~2-4 min) they would eat the budget, so worker i
@@ -166,8 +166,13 @@ QUICK_BUDGET=${QUICK_BUDGET:-440}
 VERDICTS=()
 DRY_CLOCK=0  # a dry run's simulated time: each planned stage is assumed to use its whole timeout
 
+now() {  # seconds used so far: the real clock, or in a dry run the simulated one alone (a plan that does
+  # not depend on how long this machine took to start the script: tests/test_gpu_check.py)
+  if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then echo "$DRY_CLOCK"; else echo "$SECONDS"; fi
+}
+
 stage_time() {  # stage_time CAP RESERVE MIN: min(CAP, time left - RESERVE), or 0 when that is below MIN
-  local left=$((QUICK_BUDGET - SECONDS - DRY_CLOCK - $2)) t=$1
+  local left=$((QUICK_BUDGET - $(now) - $2)) t=$1
   [ "$left" -lt "$t" ] && t=$left
   [ "$t" -lt "$3" ] && t=0
   echo "$t"
@@ -178,7 +183,7 @@ run_stage() {  # run_stage NAME CAP RESERVE MIN TAIL command...: under its timeo
   secs=$(stage_time "$2" "$3" "$4")
   shift 5
   if [ "$secs" -eq 0 ]; then
-    VERDICTS+=("$name: SKIPPED (not enough of QUICK_BUDGET=${QUICK_BUDGET}s left at $((SECONDS + DRY_CLOCK))s)")
+    VERDICTS+=("$name: SKIPPED (not enough of QUICK_BUDGET=${QUICK_BUDGET}s left at $(now)s)")
     echo "=== $name: skipped, not enough time left ===" | tee -a "$OUT/quick.log"
     return 0
   fi
@@ -214,7 +219,7 @@ quick() {
   run_stage decoder 400 0 60 30 "$PY" -m fused_lora.bench --case decoder --tokens 8192 --seq-len 2048 --ranks 16 \
       --dtype bf16 --adapter-dtype fp32 --dropout 0,0.1 --modes fwd,fwdbwd --rep 200 --no-plots --no-progress \
       --out "$OUT/decoder.jsonl"
-  echo "=== quick: $((SECONDS + DRY_CLOCK))s in all$([ -n "${GPU_CHECK_DRY_RUN:-}" ] && echo ' (dry run: the worst case)') ===" | tee -a "$OUT/quick.log"
+  echo "=== quick: $(now)s in all$([ -n "${GPU_CHECK_DRY_RUN:-}" ] && echo ' (dry run: the worst case)') ===" | tee -a "$OUT/quick.log"
   printf '  %s\n' "${VERDICTS[@]}" | tee -a "$OUT/quick.log"
 }
 

@@ -104,7 +104,7 @@ def test_hopper_gemm_is_one_pipeline_across_tiles(rows):
 
 @pytest.mark.compile
 def test_smem_admission_follows_the_compiler(rows):
-    """keep_gemm admits the Hopper path by kernels/gemm_smem.py: every TMA job's allocation is at most its
+    """keep_gemm admits the Hopper path by fused_lora/kernels/gemm_smem.py: every TMA job's allocation is at most its
     entry (the largest over the Tritons CI checks: triton 3.8 allocates 8 KB more than 3.6 for dX in one
     loop at 128x256, 16 KB more for fp32 at 128x128x32) and within 16 KB of it, so a configuration is
     admitted where the compiler makes it fit — the four-stage 128x256 ones the old formula rejected — and
@@ -117,7 +117,7 @@ def test_smem_admission_follows_the_compiler(rows):
             continue
         key = (r["config"], 4 if "fp32 (tf32x3)" in r["variant"] else 2, r["variant"].startswith("dX"),
                bool(r["one_pipeline"]))  # fmt: skip
-        assert key in SM90, f"{key} not in kernels/gemm_smem.py: run python -m fused_lora.compile_check --smem-table"
+        assert key in SM90, f"{key} not in fused_lora/kernels/gemm_smem.py: run python -m fused_lora.compile_check --smem-table"
         assert r["shared"] <= SM90[key], (key, r["shared"], SM90[key])
         if "bf16 x/W/A/B" not in r["variant"]:  # the table's figure is the heavier fp32-adapter variant's
             assert SM90[key] - r["shared"] <= 16 * 1024, (key, r["shared"], SM90[key])

@@ -1,4 +1,4 @@
-"""The 4-bit dequantisation kernel (kernels/dequant.py) and the plain-PyTorch reference (fused_lora/quant.py):
+"""The 4-bit dequantisation kernel (fused_lora/kernels/dequant.py) and the plain-PyTorch reference (fused_lora/quant.py):
 bit-exact with bitsandbytes' ``dequantize_4bit`` for NF4 / FP4, every blocksize, plain and double-quantised
 scales, fp16 / bf16 / fp32 output, odd shapes; and with each other where bitsandbytes is not installed (the
 GPU machine)."""

@@ -156,7 +156,9 @@ class Peft(Provider):
         try:
             layer = _peft_linear(base, case)
             self.impl = "peft " + __import__("peft").__version__
-        except ImportError:
+        except ModuleNotFoundError as e:  # peft absent; any other ImportError (a broken install) is raised
+            if (e.name or "").partition(".")[0] != "peft":
+                raise
             self.impl = "reference formula (peft not installed)"
             return _ReferenceLoRA(base, case, w)
         _load(layer.lora_A["default"].weight, w["A"])

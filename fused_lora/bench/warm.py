@@ -4,7 +4,7 @@ processes, before the benchmark runs (a CUDA GPU is needed):
     python -m fused_lora.bench.warm [--tokens 8192] [--shapes attn-7b] [--ranks 16] [--dropout 0,0.1]
                                     [--dtype bf16] [--adapter-dtype fp32] [--workers 11]
 
-Why: on a fresh machine the tuner (kernels/tuning.py) times each admitted configuration of each table
+Why: on a fresh machine the tuner (fused_lora/kernels/tuning.py) times each admitted configuration of each table
 on the first call of a problem, and Triton compiles each of them then, one after another. At the
 reference shape (bf16, fp32 adapters, r = 16, Hopper) that is about 77 compiles — forward GEMM 11, dX
 GEMM 11 (p = 0) and 8 (with dropout), shrink 11 + 11, grad pass 8 + 8, the hybrid's low-rank term 3 + 3

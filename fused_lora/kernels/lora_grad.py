@@ -14,14 +14,16 @@ through fp32 atomics into zeroed buffers (tiles visited in a program-rotated ord
 queue on the same addresses), or, in deterministic mode, into one slice per program that the host sums
 in a fixed order. The accumulators are allocated zeroed by the call that launches the kernel.
 
-**Split** (``splits`` S > 1, when the bands alone would leave SMs idle: M ≤ 2048, or r > 64): two
+**Split** (``splits`` S > 1, when bands × rank blocks give fewer than two programs per SM — at the
+reference shape, M = 8192 and BLOCK_M = 128, 64 bands for 132 SMs: :func:`grad_splits`): two
 launches of the same body. PHASE 1, grid (bands, rank blocks, S): program (band, ·, j) streams the j-th
-of S chunks of its dY band along N, adds its partial g (scaled) into a zeroed fp32 g (atomics; in
-deterministic mode its own slice of [S, M, r], summed on the host in a fixed order) and its partial dB
-(its N columns of the band's slice: disjoint, so deterministic mode needs no more memory). PHASE 2, grid
+of S chunks of its dY band along N, stores its partial g (scaled) in its chunk's slice of [S, M, r] fp32
+(summed by the host in a fixed order: deterministic; atomics on g made ptxas spill) and adds its partial
+dB (atomics; in deterministic mode its N columns of the band's slice: disjoint, no more memory). PHASE 2, grid
 (bands, rank blocks, S): program (band, ·, j) loads the complete g of its band and streams the j-th chunk
-of its x band along K for its partial dA (likewise). The cost: g [M, r] fp32 written and read once more
-(0.5 MB at M = 8192, r = 16) and a second launch; the gain: S times the programs (bytes in flight).
+of its x band along K for its partial dA (likewise). The cost: S·M·r fp32 partial g written and read
+once (S = 3 at M = 8192, r = 16: 1.6 MB, against 134 MB of dY and x), the sum, and a second launch; the
+gain: S times the programs (bytes in flight).
 
 Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else in TF32X3 (fp32 accuracy for g);
 dB and dA are TF32X3 for fp32 adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters
@@ -83,8 +85,7 @@ def _lora_grad_kernel(
     if PHASE == 1:
         n_lo = tl.program_id(2) * n_chunk
         n_len = tl.minimum(n_chunk, num_n - n_lo)
-        if DETERMINISTIC:
-            g_ptr += tl.program_id(2).to(tl.int64) * stride_gs
+        g_ptr += tl.program_id(2).to(tl.int64) * stride_gs  # this N chunk's slice of partial g
     if PHASE == 2:
         k_lo = tl.program_id(2) * k_chunk
         k_len = tl.minimum(k_chunk, num_k - k_lo)
@@ -123,9 +124,7 @@ def _lora_grad_kernel(
                     tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
         g = g * scale_g
         g_ptrs = g_ptr + rows64[:, None] * stride_gm + offs_r[None, :] * stride_gr
-        if PHASE == 1 and not DETERMINISTIC:  # a partial g: summed across the N chunks
-            tl.atomic_add(g_ptrs, g, mask=row_ok[:, None] & rank_ok[None, :], sem="relaxed")
-        elif STORE_G or PHASE == 1:
+        if STORE_G or PHASE == 1:  # PHASE 1: a partial g, its chunk's own slice (summed by the host)
             tl.store(g_ptrs, g, mask=row_ok[:, None] & rank_ok[None, :])
     else:  # PHASE 2: the band's g, complete (and scaled) in memory
         g = tl.load(
@@ -228,15 +227,14 @@ def lora_grad(
             num_n, num_k = triton.cdiv(N, c.BLOCK_N), triton.cdiv(K, c.BLOCK_N)
             n_chunk, k_chunk = triton.cdiv(num_n, splits), triton.cdiv(num_k, splits)
             n_splits, k_splits = triton.cdiv(num_n, n_chunk), triton.cdiv(num_k, k_chunk)
-            g = row_padded(M, R, dev)
+            # one slice of partial g per N chunk, summed in a fixed order (atomics on g spilled: 168 B at
+            # 128x64 w8 on sm_80); then g row-padded, a TMA operand for dX
+            parts = torch.empty((n_splits, M, R), dtype=torch.float32, device=dev)
             once = dict(COMPUTE_DA=False, DROPOUT=False)  # the dY pass reads neither x nor the mask
-            if deterministic:  # one slice of partial g per N chunk, summed in a fixed order
-                parts = torch.empty((n_splits, M, R), dtype=torch.float32, device=dev)
-                go((bands, rblocks, n_splits), parts, 1, n_chunk, stride_gs=parts.stride(0), **once)
-                g.copy_(parts.sum(0))
-            else:
-                g.zero_()
-                go((bands, rblocks, n_splits), g, 1, n_chunk, **once)
+            go((bands, rblocks, n_splits), parts, 1, n_chunk, stride_gs=parts.stride(0), **once)
+            g = row_padded(M, R, dev) if need_g or need_dA else xa  # dB alone: no g to form
+            if need_g or need_dA:
+                torch.sum(parts, 0, out=g) if g.is_contiguous() else g.copy_(parts.sum(0))
             if need_dA:
                 go((bands, rblocks, k_splits), g, 2, 0, k_chunk, STORE_G=False, COMPUTE_DB=False)
         reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])

@@ -294,7 +294,7 @@ def device_arch(t) -> int:
 
 
 # ======================================================================================================
-# Embedding (issue 9: fused_lora.Embedding). Appended block: the kernels live in kernels/embedding.py.
+# Embedding (issue 9: fused_lora.Embedding). Appended block: the kernels live in fused_lora/kernels/embedding.py.
 # ======================================================================================================
 
 
@@ -376,7 +376,7 @@ def embedding_table(kind: str) -> list:
 
 
 # ======================================================================================================
-# 4-bit dequantisation (issue 17: QLoRA). Appended block: the kernel lives in kernels/dequant.py.
+# 4-bit dequantisation (issue 17: QLoRA). Appended block: the kernel lives in fused_lora/kernels/dequant.py.
 # ======================================================================================================
 
 
