@@ -221,26 +221,30 @@ class LoRALinear(ExactMerge, nn.Linear):
             delta_rows = lambda r0, r1: delta_product(b[r0:r1], a, s)
         if not self.use_dora:
             return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B))
-        return self._dora_merge_target(local, delta_rows)
+        return self._dora_merge_target(local, delta_rows, A, B, rows_slice, cols_slice)
 
-    def _dora_merge_target(self, local: torch.Tensor, lora_rows) -> MergeTarget:
+    def _dora_merge_target(self, local: torch.Tensor, lora_rows, A, B, rows_slice, cols_slice) -> MergeTarget:
         """DoRA: W' = c·(W + ΔW), c = m/n per output row (n of the unmerged W: computed when merging, kept
         while merged), as a delta from W; the unmerge computes W = W'/c − ΔW (float64, one rounding) — the
-        record of merge_exact checks exactly that inverse, so the round trip is bit-exact."""
-        if is_dtensor(self.weight):
-            raise TypeError("merging a DoRA LoRALinear whose weight is sharded (FSDP2) is not supported")
-        m = self.lora_magnitude.detach()
+        record of merge_exact checks exactly that inverse, so the round trip is bit-exact. Under FSDP2 a
+        collective: m and (when merging) W are gathered, n is the whole layer's, each rank changes its block
+        (`rows_slice`, `cols_slice` of W as stored)."""
+        sharded = is_dtensor(self.weight)
+        m = full(self.lora_magnitude).detach()
         if self.merged:
             if self._dora_merge_norm is None:
                 raise ValueError("this merged DoRA layer has lost the norm of its unmerged weight (dora_norm)")
             n = self._dora_merge_norm
         else:
-            n = dora_norm(self._weight_nk(), self.lora_A, self.lora_B, self.scaling, cache=not fsdp_managed(self))
-            if bool((n == 0).any()) or bool((m == 0).any()):
+            w = full(self.weight).detach()
+            w = w.t() if self.fan_in_fan_out else w
+            n = dora_norm(w, A, B, self.scaling, cache=not (sharded or fsdp_managed(self)))
+            if bool((n == 0).any()) or bool((m == 0).any()):  # the same whole n and m on every rank
                 raise ValueError("DoRA merge: a zero magnitude or weight-norm row cannot be unmerged; keep it unmerged")
             self._dora_next_norm = n  # kept by merge() once W is merged
         c = m.double() / n.double()
-        c = c[None, :] if self.fan_in_fan_out else c[:, None]  # output rows: W's rows, or its columns stored [in, out]
+        # output rows: W's rows, or its columns stored [in, out]; this rank's block of them
+        c = c[None, cols_slice] if self.fan_in_fan_out else c[rows_slice, None]
         rows_c = (lambda r0, r1: c) if self.fan_in_fan_out else (lambda r0, r1: c[r0:r1])
 
         def delta_rows(r0: int, r1: int) -> torch.Tensor:  # merging: c·(W + ΔW) − W
@@ -250,8 +254,7 @@ class LoRALinear(ExactMerge, nn.Linear):
         def inverse(merged: torch.Tensor, r0: int, r1: int) -> torch.Tensor:  # W'/c − ΔW
             return (merged.double() / rows_c(r0, r1) - lora_rows(r0, r1).double()).to(merged.dtype)
 
-        adapters = (*self._lora_factors(), m)
-        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, adapters, inverse)
+        return MergeTarget(local, local.shape[0], local.shape[1], delta_rows, (A, B, m), inverse)
 
     def merge(self) -> None:
         was_merged = self.merged

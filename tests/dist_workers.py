@@ -368,7 +368,8 @@ def dora_distributed(rank: int, directory: str) -> None:
     kernels running); with FSDP2, an in-place edit of the sharded base weights between forwards reaches
     the norm (FSDP2 refills its unsharded copies with their version counters preserved, so a ‖W‖² cached
     by version went stale: 0.16 off); reset_magnitude on sharded weights (a collective) equals one
-    process's; the adapter files saved from the sharded model load into a one-process model."""
+    process's; the adapter files saved from the sharded model load into a one-process model; merge and
+    unmerge on sharded weights (a collective) equal a one-process merge and round-trip bit for bit."""
     import fused_lora
     import fused_lora.distributed
     from fused_lora.distributed import full
@@ -416,6 +417,20 @@ def dora_distributed(rank: int, directory: str) -> None:
                 fresh[layer].lora_A.zero_(), fresh[layer].lora_B.zero_(), fresh[layer].lora_magnitude.zero_()
         fused_lora.load_adapter(fresh, directory)
         torch.testing.assert_close(fresh(x), single(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"loaded: {m}")
+
+        # merge / unmerge as a collective: each rank merges its block with the whole layer's m/n; the merged
+        # model computes what the unmerged one does, equals a one-process merge, and unmerges bit for bit
+        unmerged = model(x)
+        fused_lora.distributed.reshard_all(model)
+        w0 = {n: full(p).clone() for n, p in model.named_parameters() if n.endswith("weight")}
+        assert fused_lora.merge_lora(model) == 2 and fused_lora.merge_lora(single) == 2
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            if n.endswith("weight"):
+                torch.testing.assert_close(full(p), single.get_parameter(n), rtol=1e-6, atol=1e-7)
+        assert fused_lora.unmerge_lora(model) == 2
+        _assert_weights_equal(model, w0)
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-6, atol=1e-7)
 
 
 def _launches():

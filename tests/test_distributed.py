@@ -59,5 +59,6 @@ def test_fsdp2_merge_unmerge_state_dict_and_adapter_files(tmp_path):
 
 def test_dora_under_ddp_and_fsdp2(tmp_path):
     """DoRA LoRALinear: DDP's and FSDP2's gradients (A, B, magnitude) equal one process's; an edit of the
-    sharded base weights reaches the norm; reset_magnitude and adapter files on sharded weights."""
+    sharded base weights reaches the norm; reset_magnitude, adapter files, merge and unmerge on sharded
+    weights (collectives; the round trip bit-exact)."""
     dist_workers.run(dist_workers.dora, str(tmp_path / "adapter"), timeout=300.0)
