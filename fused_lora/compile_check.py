@@ -172,7 +172,7 @@ def compile_job(job: Job, arch: int) -> Row:
         row.registers, row.spill_bytes, row.note, sass_text = _ptxas(log, cubin)
         row.mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
         row.tma = "cp.async.bulk.tensor" in ptx
-        stats = loop_stats(sass_text)
+        stats = loop_stats(sass_text, tiles=job.module in ("lora_gemm", "low_rank"))
         row.persistent, row.per_iteration, row.loop_mmas = stats.persistent, stats.per_iteration, stats.mmas
         row.per_tile, row.loop_nest = stats.per_tile, loop_nest(compiled.asm["ttgir"])
         if job.mma_expected and arch == 90 and row.mma != "wgmma":

@@ -79,8 +79,8 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) ->
                        stride_rr=1, stride_rn=r, stride_om=N, stride_on=1)
         n_out, k_red = N, K
     return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
-                out_ptr="*" + dt, seed_ptr="*i64", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
-                threshold="i32", group_n="i32", groups_ptr="*i32", **strides)
+                out_ptr="*" + dt, bits_ptr="*i32", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
+                bits_words="i32", group_n="i32", groups_ptr="*i32", **strides)
 
 
 def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool, out_dt: str | None = None) -> dict:
@@ -88,9 +88,9 @@ def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool, out_dt: s
     n_out = sizes["K"] if backward else sizes["N"]
     lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
     out = "*" + (out_dt or dt)
-    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr=out, seed_ptr="*i64",
+    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr=out, bits_ptr="*i32",
                 M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
-                threshold="i32", group_n="i32", groups_ptr="*i32", **lr)
+                bits_words="i32", group_n="i32", groups_ptr="*i32", **lr)
 
 
 def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
@@ -103,11 +103,11 @@ def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
 def _grad_args(dt: str, sizes: dict, r: int) -> dict:
     M, N, K = sizes["M"], sizes["N"], sizes["K"]
     return dict(dy_ptr="*" + dt, b_ptr="*fp32", xa_ptr="*fp32", x_ptr="*" + dt, g_ptr="*fp32", db_ptr="*fp32",
-                da_ptr="*fp32", seed_ptr="*i64", M=M, N=N, K=K, R=r,
+                da_ptr="*fp32", seed_ptr="*i64", bits_ptr="*i32", M=M, N=N, K=K, R=r,
                 stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
                 stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
                 stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32", n_chunk="i32",
-                k_chunk="i32", stride_gs="i32")
+                k_chunk="i32", stride_gs="i32", bits_words="i32")
 # fmt: on
 
 
@@ -208,13 +208,14 @@ def grad_jobs(sizes: dict) -> list[Job]:
             modes = _modes(dt, lora_dt, kept=True)
             meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
                         G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
-                        D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, PHASE=0)  # fmt: skip
+                        D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, PHASE=0,
+                        STORE_BITS=True)  # fmt: skip
             variant = f"dropout {dt}, {lora_dt} A/B, r<={r}"
             args = {**_grad_args(dt, sizes, r), "b_ptr": "*" + lora_dt}
             jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, args, meta,
                             c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
             # the split pass's two launches (fused_lora/kernels/lora_grad.py)
-            for phase, label, only in ((1, "split dY pass", dict(COMPUTE_DA=False, DROPOUT=False)),
+            for phase, label, only in ((1, "split dY pass", dict(COMPUTE_DA=False, DROPOUT=False, STORE_BITS=False)),
                                        (2, "split x pass, dropout", dict(STORE_G=False, COMPUTE_DB=False))):
                 jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), f"{label} {dt}, {lora_dt} A/B, r<={r}",
                                 args, {**meta, **only, "PHASE": phase}, c.num_warps, c.num_stages, False, archs,
@@ -225,7 +226,9 @@ def grad_jobs(sizes: dict) -> list[Job]:
 def mask_jobs(sizes: dict) -> list[Job]:
     args = dict(seed_ptr="*i64", out_ptr="*i8", M=sizes["M"], K=sizes["K"], stride_om=sizes["K"], threshold="i32")
     meta = dict(BLOCK_M=32, BLOCK_K=128)
-    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args, meta, 4, 1, False)]
+    bits = dict(seed_ptr="*i64", out_ptr="*i32", M=sizes["M"], K=sizes["K"], words="i32", threshold="i32")
+    return [Job("_dropout_mask_kernel", "dropout", "32x128 w4", "p>0", args, meta, 4, 1, False),
+            Job("_keep_bits_kernel", "dropout", "32x128 w4", "p>0, packed", bits, meta, 4, 1, False)]
 
 
 def all_jobs(sizes: dict) -> list[Job]:

@@ -86,19 +86,23 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
     return _run(key, fused, hybrid, deterministic, x2.device, name)
 
 
-def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool, name=None) -> torch.Tensor:
+def backward_dx(k, dy2, weight, g, lora_A, dropout_p: float, seed, deterministic: bool, name=None,
+                keep_bits=None) -> torch.Tensor:  # fmt: skip
     """dX [M, K] = dY·W + mask⊙(g·A), by the implementation chosen for this problem (`name`: the
     implementation configured when the forward ran — the backward may run on another thread, which does
-    not see a ``use_impl`` block of the forward's; :func:`get_impl` when None)."""
+    not see a ``use_impl`` block of the forward's; :func:`get_impl` when None). `keep_bits`: the mask
+    packed (fused_lora/kernels/dropout.py), read instead of regenerated from `seed`."""
 
     def fused():
-        return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
+        return k.lora_gemm(dy2, weight, g, lora_A, dropout_p=dropout_p, seed=seed, keep_bits=keep_bits,
+                           deterministic=deterministic)  # fmt: skip
 
     def hybrid():
         if _wide(dy2.dtype):
-            t = k.low_rank(g, lora_A, out_dtype=torch.float32, dropout_p=dropout_p, seed=seed, x_dtype=dy2.dtype)
+            t = k.low_rank(g, lora_A, out_dtype=torch.float32, dropout_p=dropout_p, seed=seed, keep_bits=keep_bits,
+                           x_dtype=dy2.dtype)  # fmt: skip
             return addmm_fp32(t, dy2, weight).to(dy2.dtype)
-        t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed)
+        t = k.low_rank(g, lora_A, out_dtype=dy2.dtype, dropout_p=dropout_p, seed=seed, keep_bits=keep_bits)
         return t.addmm_(dy2, weight)
 
     M, N, K, r = dy2.shape[0], dy2.shape[1], weight.shape[1], lora_A.shape[0]

@@ -145,12 +145,16 @@ def lora_linear_bwd(
     if need_x or need_A or need_B:
         K = x.shape[-1]
         x2, dy2 = _2d(x), _2d(dy)
+        # dX's epilogue reads the mask packed (1 bit per element), stored by the dA pass as it regenerates
+        # it, instead of running Philox again: int32 [M, ⌈K/32⌉], alive until dX is written
+        bits = k.new_keep_bits(x2.shape[0], K, x.device) if need_x and dropout_p > 0.0 else None
         g, da, db = k.lora_grad(dy2, lora_B, xa, x2, scaling=scaling, dropout_p=dropout_p, seed=seed,
-                                need_g=need_x, need_dA=need_A, need_dB=need_B, deterministic=deterministic)  # fmt: skip
+                                need_g=need_x, need_dA=need_A, need_dB=need_B, deterministic=deterministic,
+                                keep_bits_out=bits)  # fmt: skip
         if need_x:
             state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
             with base_weight.dense(weight, state, weight_info, dy.dtype) as w:  # a 4-bit W: dequantised again
-                dx = impl.backward_dx(k, dy2, w, g, lora_A, dropout_p, seed, deterministic, impl_name)
+                dx = impl.backward_dx(k, dy2, w, g, lora_A, dropout_p, seed, deterministic, impl_name, bits)
             dx = unflatten(dx, x.shape[:-1], K)
         dA = da.to(lora_A.dtype) if need_A else dA
         dB = db.to(lora_B.dtype) if need_B else dB

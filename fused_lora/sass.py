@@ -130,16 +130,21 @@ def _on_cycle(bs: list[_Block], start: int) -> bool:
     return False
 
 
-def loop_stats(sass: str) -> LoopStats:
+def loop_stats(sass: str, tiles: bool = True) -> LoopStats:
+    """`tiles` False: a kernel that is not a persistent walk over output tiles (the grad pass, whose x loop
+    stores the packed keep bits as it streams): a store on a cycle does not make it persistent, and its
+    main loop is the cycle with the most MMAs, stores and all."""
     bs = blocks(sass)
     stores = [i for i, b in enumerate(bs) if any(_opcode(op) in _STORE for op in b.ops) and _on_cycle(bs, i)]
+    if not tiles:
+        stores = []
     stats = LoopStats(persistent=bool(stores))
     mma_counts = [sum(_opcode(op) in _MMA for op in b.ops) for b in bs]
     ranked = sorted((n, -i) for i, n in enumerate(mma_counts) if n)
     main = None
     for _, neg in reversed(ranked):  # the block with the most MMAs on a cycle that stores nothing
         cycle = _cheapest_cycle(bs, -neg)  # (a flattened loop's epilogue, low-rank MMAs and all, stores)
-        if cycle is not None and not any(_opcode(op) in _STORE for b in cycle for op in bs[b].ops):
+        if cycle is not None and (not tiles or not any(_opcode(op) in _STORE for b in cycle for op in bs[b].ops)):
             ops = [op for b in cycle for op in bs[b].ops]
             stats.per_iteration, stats.mmas, main = len(ops), sum(_opcode(op) in _MMA for op in ops), -neg
             break

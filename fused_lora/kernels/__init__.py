@@ -11,7 +11,7 @@ Nothing here knows about modules or autograd: see ``fused_lora.function`` for th
 in ``configs``, their per-problem choice in ``tuning``, operand precision in ``precision``.
 """
 
-from .dropout import drop_threshold, dropout_mask, effective_dropout_p
+from .dropout import drop_threshold, dropout_mask, effective_dropout_p, keep_bits, new_keep_bits
 from .lora_gemm import lora_gemm
 from .lora_grad import lora_grad
 from .low_rank import low_rank
@@ -23,8 +23,10 @@ __all__ = [
     "drop_threshold",
     "dropout_mask",
     "effective_dropout_p",
+    "keep_bits",
     "lora_gemm",
     "lora_grad",
     "low_rank",
+    "new_keep_bits",
     "shrink",
 ]

@@ -97,10 +97,10 @@ SHRINK = [
     ShrinkConfig(16, 32, 1, 8, 2, 256, 256),
 ]
 GRAD = [
-    GradConfig(32, 64, 4, 3, 32, 0),  # r <= 64 spilled on sm_80 once round_tf32 kept NaNs; fp32 under 3.8
+    GradConfig(32, 64, 4, 3, 16, 0),  # r <= 64 spilled on sm_80 once round_tf32 kept NaNs; fp32 under 3.8; r <= 32 (8 B) once the dA pass stored the keep bits
     GradConfig(64, 64, 4, 3, 32, 0),  # r <= 64 with dropout spilled under triton 3.8 (sm_80)
     GradConfig(64, 64, 8, 3, 64, 16),
-    GradConfig(128, 64, 8, 2, 32, 0),
+    GradConfig(128, 64, 8, 2, 16, 0),  # r <= 32 spilled 112 B on sm_80 once the dA pass stored the keep bits
     GradConfig(32, 128, 4, 3, 16, 0),
     GradConfig(16, 64, 4, 2, 64, 32),
     GradConfig(16, 64, 8, 2, 64, 32),

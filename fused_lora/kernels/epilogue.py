@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
+from .dropout import load_keep_bits
 from .precision import lora_dot
 
 
@@ -74,7 +74,7 @@ def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, s
 
 # fmt: off
 @triton.jit
-def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold,
+def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words,
                  M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
                  TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
@@ -82,17 +82,20 @@ def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, thr
     # fmt: on
     """One output slice [BLOCK_M, WIDTH] at (off_m, off_n): with DROPOUT add the masked low-rank
     product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store.
-    With one unrolled rank slice (TMA, R_SLICES = 1) `lt` is the tile's L, loaded once for all slices."""
+    With one unrolled rank slice (TMA, R_SLICES = 1) `lt` is the tile's L, loaded once for all slices.
+    The mask is read from x's packed keep bits (`bits_ptr`, `bits_words` per row: fused_lora/kernels/dropout.py),
+    1 bit per element, stored by the dA pass that regenerated it (Philox here cost 35 % of the main loop's
+    instructions at 128x256; the bits 14 %)."""
     if DROPOUT and TMA and R_SLICES == 1:
         low = lora_dot(lt, r_tile(r_src, 0, off_n, R_NR), tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32), LORA_MODE,
                        LORA_DTYPE)  # fmt: skip
-        keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
+        keep = load_keep_bits(bits_ptr, off_m + tl.arange(0, BLOCK_M), off_n, M, bits_words, BLOCK_M, WIDTH)
         acc = acc + low * keep.to(tl.float32)
     elif DROPOUT:
         low = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
         low = add_low_rank(low, l_src, r_src, off_m, off_n, M, N, 0, R, stride_lm, stride_lr, stride_rr, stride_rn,
                            WIDTH, BLOCK_M, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE)
-        keep = keep_mask(seed, off_m + tl.arange(0, BLOCK_M), off_n, threshold, BLOCK_M, WIDTH)
+        keep = load_keep_bits(bits_ptr, off_m + tl.arange(0, BLOCK_M), off_n, M, bits_words, BLOCK_M, WIDTH)
         acc = acc + low * keep.to(tl.float32)  # a product, as torch's dropout backward: NaN stays NaN
     offs_n = off_n + tl.arange(0, WIDTH)
     if HAS_BIAS:
@@ -136,7 +139,7 @@ def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 # fmt: off
 @triton.jit
-def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
+def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, groups_ptr, group_n,
                 M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
                 R_SLICES: tl.constexpr, TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
@@ -163,15 +166,15 @@ def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshol
     else:
         lt = 0
     if SUBTILES == 1:
-        finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
                      R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
     elif SUBTILES == 2:
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
-        finish_slice(a0, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a0, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
                      R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a1, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a1, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
                      R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
     else:
@@ -179,15 +182,15 @@ def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshol
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = halves(a1, BLOCK_M, BLOCK_N // 2)
-        finish_slice(a00, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a00, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
                      R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a01, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R, stride_lm,
+        finish_slice(a01, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
                      stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
                      R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a10, lt, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+        finish_slice(a10, lt, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R,
                      stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
                      R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a11, lt, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, seed, threshold, M, N, R,
+        finish_slice(a11, lt, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R,
                      stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
                      R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)

@@ -36,7 +36,7 @@ from . import tuning
 from .configs import R_CHUNK, GemmConfig, admitted, deterministic_entry, device_arch, gemm_table, keep_gemm, rank_slices
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
-from .dropout import drop_threshold
+from .dropout import mask_bits as _bits
 from .epilogue import epilogue_operands, finish_tile
 from .precision import lora_mode, main_precision
 from .utils import (
@@ -54,17 +54,18 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 
 # fmt: off
-@triton.jit(do_not_specialize=["M", "threshold"])
+@triton.jit(do_not_specialize=["M", "bits_words"])
 def _lora_gemm_kernel(
     # pointers
-    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, seed_ptr,
+    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, bits_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_bias,
-    # dropout: round(p·2^16); groups (MergedLinear): columns per group, rank-column bounds per group
-    threshold, group_n, groups_ptr,
+    # dropout: x's packed keep bits' words per row (fused_lora/kernels/dropout.py); groups (MergedLinear):
+    # columns per group, rank-column bounds per group
+    bits_words, group_n, groups_ptr,
     # meta-parameters: variant
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
@@ -77,7 +78,6 @@ def _lora_gemm_kernel(
     # fmt: on
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
     if TMA:  # Q_NK: Q is the transpose of an [N, K] row-major tensor (Wᵀ)
         p_src = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
         if Q_NK:
@@ -115,7 +115,7 @@ def _lora_gemm_kernel(
                 acc = tl.dot(a, b, acc, input_precision=MAIN_PRECISION)
                 p_ptrs += BLOCK_K * stride_pk
                 q_ptrs += BLOCK_K * stride_qk
-        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr, group_n,
+        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, groups_ptr, group_n,
                     M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                     BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
                     HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
@@ -150,6 +150,7 @@ def lora_gemm(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
+    keep_bits: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     deterministic: bool = False,
     lora_dtype: torch.dtype | None = None,
@@ -166,6 +167,8 @@ def lora_gemm(
     (MergedLinear): output column n belongs to group q = n // group_n, whose rank columns are
     bounds[q] .. bounds[q + 1] (int32 [groups + 1] on the device); r must be zero outside them (the
     kernel skips the rank slices a tile's groups do not use, which is only right when it is).
+    The epilogue reads the mask packed, 1 bit per element (fused_lora/kernels/dropout.py): `keep_bits`
+    (int32 [M, ⌈N/32⌉], the dA pass stores it in training), or drawn from `seed` by a small kernel first.
     """
     M, K = p.shape
     N = q.shape[1]
@@ -176,6 +179,7 @@ def lora_gemm(
     if M == 0 or N == 0:
         return out
     dropout = dropout_p > 0.0
+    bits = _bits(keep_bits, seed, M, N, dropout_p, p.device) if dropout else None
     lora_dtype = lora_dtype or r.dtype
     tma = tuning.table("gemm_path").pick((), ["tma", "pointer"] if tma_path(p, q, out) else ["pointer"], None,
                                          p.device) == "tma"  # fmt: skip
@@ -197,11 +201,12 @@ def lora_gemm(
     )  # fmt: skip
     pipelined = variant["R_SLICES"] > 0  # one loop across tiles (Hopper): its own shared-memory budget
     args = (
-        p, q, l, r, bias if bias is not None else out, out, seed if dropout else out,
+        p, q, l, r, bias if bias is not None else out, out, bits if dropout else out,
         M, N, K, R,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        drop_threshold(dropout_p), groups[0] if groups else 1, groups[1] if groups else out,
+        bits.shape[1] if dropout else 0, groups[0] if groups else 1,
+        groups[1] if groups else out,
     )  # fmt: skip
 
     def run(c: GemmConfig) -> torch.Tensor:

@@ -25,6 +25,11 @@ of its x band along K for its partial dA (likewise). The cost: S·M·r fp32 part
 once (S = 3 at M = 8192, r = 16: 1.6 MB, against 134 MB of dY and x), the sum, and a second launch; the
 gain: S times the programs (bytes in flight).
 
+**Keep bits** (``keep_bits_out``, STORE_BITS): with dropout the x pass, which regenerates the mask for
+dA, also stores it packed (int32 [M, ⌈K/32⌉], fused_lora/kernels/dropout.py) for dX's epilogue to read:
+each Philox call's 8 draws become one byte where the words are, one byte store per 8 elements (rank block
+0 writes; with tiles narrower than 32 columns, or no dA, a small kernel draws them instead).
+
 Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else in TF32X3 (fp32 accuracy for g);
 dB and dA are TF32X3 for fp32 adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters
 (no fp16 overflow of g or xa) and native for bf16 ones (precision.py).
@@ -40,7 +45,7 @@ from . import tuning
 from .configs import GradConfig, admitted, deterministic_entry, device_arch, grad_r_block, grad_table, keep_grad
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
-from .dropout import drop_threshold, keep_mask
+from .dropout import check_keep_bits, drop_threshold, keep_bits, keep_from_words, philox_words, store_keep_bytes
 from .precision import lora_dot, lora_mode, native_16bit
 from .utils import bucket, check_interpretable, launch, num_programs, rank_pad, row_padded
 
@@ -49,7 +54,7 @@ from .utils import bucket, check_interpretable, launch, num_programs, rank_pad, 
 @triton.jit(do_not_specialize=["M", "threshold"])
 def _lora_grad_kernel(
     # pointers
-    dy_ptr, b_ptr, xa_ptr, x_ptr, g_ptr, db_ptr, da_ptr, seed_ptr,
+    dy_ptr, b_ptr, xa_ptr, x_ptr, g_ptr, db_ptr, da_ptr, seed_ptr, bits_ptr,
     # sizes
     M, N, K, R,
     # strides (db/da carry a leading per-band stride, 0 unless deterministic)
@@ -60,12 +65,15 @@ def _lora_grad_kernel(
     # meta-parameters
     # split (PHASE 1 / 2): tiles per chunk along N and along K, and g's per-split stride (deterministic)
     n_chunk, k_chunk, stride_gs,
+    # STORE_BITS: words per row of the packed keep bits (fused_lora/kernels/dropout.py)
+    bits_words,
     # meta-parameters
     R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
     DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, G_MODE: tl.constexpr, G_DTYPE: tl.constexpr,
     D_MODE: tl.constexpr, D_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PHASE: tl.constexpr = 0,  # 0: both passes; 1: the dY pass over one N chunk; 2: the x pass over one K chunk
+    STORE_BITS: tl.constexpr = False,  # with DROPOUT: the x pass also stores the mask, packed (dX reads it)
 ):
     # fmt: on
     pid = tl.program_id(0)
@@ -148,7 +156,11 @@ def _lora_grad_kernel(
                 other=0.0,
             )
             if DROPOUT:  # a product, as torch's dropout: NaN or inf at a dropped position stays NaN
-                x = x * keep_mask(seed, offs_m, kb * BLOCK_N, threshold, BLOCK_M, BLOCK_N).to(x.dtype)
+                w0, w1, w2, w3 = philox_words(seed, offs_m, kb * BLOCK_N, BLOCK_M, BLOCK_N)
+                x = x * keep_from_words(w0, w1, w2, w3, threshold, BLOCK_M, BLOCK_N).to(x.dtype)
+                if STORE_BITS:  # packed where Philox's words are; rank block 0 writes (the others: the same band)
+                    store_keep_bytes(bits_ptr, w0, w1, w2, w3, threshold, offs_m, kb * BLOCK_N, M, bits_words,
+                                     tl.program_id(1) == 0, BLOCK_N)  # fmt: skip
             part = lora_dot(gt, x, tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32), D_MODE, D_DTYPE)
             da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
             da_mask = rank_ok[:, None] & col_ok[None, :]
@@ -171,11 +183,15 @@ def lora_grad(
     need_dA: bool = True,
     need_dB: bool = True,
     deterministic: bool = False,
+    keep_bits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(g [M, r], dA [r, K], dB [N, r]), all fp32, each None when not asked for.
 
     dy [M, N], lora_B [N, r], xa [M, r] fp32 from the forward (scaled by s), x [M, K]; any strides.
     g comes back scaled by s/(1-p), ready for dX's epilogue, its row stride padded (a TMA operand).
+    `keep_bits_out` (int32 [M, ⌈K/32⌉], contiguous; with dropout): filled with the mask, packed
+    (fused_lora/kernels/dropout.py) — by the dA pass as it goes, or by its own small kernel when dA is not
+    asked for or the configuration's tiles are narrower than 32 columns.
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -189,6 +205,7 @@ def lora_grad(
     e, arch = dy.element_size(), device_arch(dy)
     r_block = grad_r_block(rank_pad(R), e)
     dropout = dropout_p > 0.0
+    bits = check_keep_bits(keep_bits_out, M, K, dev) if dropout else None
     g_mode, g_dtype = native_16bit(dy.dtype, lora_B.dtype)
     d_mode, d_dtype = lora_mode(dy.dtype, lora_B.dtype, kept=lora_B.dtype == torch.float32)
     variant = dict(
@@ -198,6 +215,7 @@ def lora_grad(
 
     def run(c: GradConfig, splits: int = 1):
         bands, rblocks = triton.cdiv(M, c.BLOCK_M), triton.cdiv(R, r_block)
+        store_bits = bits is not None and need_dA and c.BLOCK_N % 32 == 0
         if deterministic:  # one partial-sum slice per row band, summed below in a fixed order
             db = torch.empty((bands, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
             da = torch.empty((bands, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
@@ -209,14 +227,15 @@ def lora_grad(
             # fmt: off
             launch(
                 _lora_grad_kernel, grid,
-                dy, lora_B, xa, x, g, db, da, seed if dropout else xa,
+                dy, lora_B, xa, x, g, db, da, seed if dropout else xa, bits if store_bits else xa,
                 M, N, K, R,
                 dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
                 x.stride(0), x.stride(1), g.stride(-2), g.stride(-1),
                 db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
                 da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
                 float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p), n_chunk, k_chunk, stride_gs,
-                **{**variant, **meta}, PHASE=phase, **config_kwargs(c),
+                bits.shape[1] if store_bits else 0,
+                **{**variant, "STORE_BITS": store_bits, **meta}, PHASE=phase, **config_kwargs(c),
             )
             # fmt: on
 
@@ -230,13 +249,15 @@ def lora_grad(
             # one slice of partial g per N chunk, summed in a fixed order (atomics on g spilled: 168 B at
             # 128x64 w8 on sm_80); then g row-padded, a TMA operand for dX
             parts = torch.empty((n_splits, M, R), dtype=torch.float32, device=dev)
-            once = dict(COMPUTE_DA=False, DROPOUT=False)  # the dY pass reads neither x nor the mask
+            once = dict(COMPUTE_DA=False, DROPOUT=False, STORE_BITS=False)  # the dY pass reads neither x nor the mask
             go((bands, rblocks, n_splits), parts, 1, n_chunk, stride_gs=parts.stride(0), **once)
             g = row_padded(M, R, dev) if need_g or need_dA else xa  # dB alone: no g to form
             if need_g or need_dA:
                 torch.sum(parts, 0, out=g) if g.is_contiguous() else g.copy_(parts.sum(0))
             if need_dA:
                 go((bands, rblocks, k_splits), g, 2, 0, k_chunk, STORE_G=False, COMPUTE_DB=False)
+        if bits is not None and not store_bits:  # no dA pass, or tiles too narrow to pack: the small kernel
+            keep_bits(seed, M, K, dropout_p, out=bits)
         reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
         return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)
 
@@ -259,6 +280,7 @@ def lora_grad(
     if forced is not None and forced not in names and forced.partition(" split")[0] in configs:
         names.append(forced)
     key = (str(dy.dtype), str(lora_B.dtype), bucket(M), N, K, r_block, need_g, need_dA, need_dB, dropout)
+    key += (bits is not None,)
     chosen = tuning.table("grad").pick(key, names, runner, dev)
     return runner(chosen)()
 

@@ -21,7 +21,7 @@ from . import tuning
 from .configs import R_CHUNK, GemmConfig, admitted, device_arch, gemm_table, keep_gemm
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
-from .dropout import drop_threshold
+from .dropout import mask_bits as _bits
 from .epilogue import epilogue_operands, finish_tile
 from .lora_gemm import tma_operand
 from .precision import lora_mode
@@ -29,16 +29,17 @@ from .utils import bucket, check_interpretable, launch, rank_pad, tile_coords, t
 
 
 # fmt: off
-@triton.jit(do_not_specialize=["M", "threshold"])
+@triton.jit(do_not_specialize=["M", "bits_words"])
 def _low_rank_kernel(
     # pointers
-    l_ptr, r_ptr, bias_ptr, out_ptr, seed_ptr,
+    l_ptr, r_ptr, bias_ptr, out_ptr, bits_ptr,
     # sizes
     M, N, R,
     # strides
     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-    # dropout: round(p·2^16); groups (MergedLinear): columns per group, rank-column bounds per group
-    threshold, group_n, groups_ptr,
+    # dropout: x's packed keep bits' words per row (fused_lora/kernels/dropout.py); groups (MergedLinear):
+    # columns per group, rank-column bounds per group
+    bits_words, group_n, groups_ptr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
@@ -48,13 +49,12 @@ def _low_rank_kernel(
 ):
     # fmt: on
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
     l_src, r_src, o_dst = epilogue_operands(
         l_ptr, r_ptr, out_ptr, M, N, R, stride_lm, stride_rr, stride_rn, stride_om,
         BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, TMA, R_NR, DROPOUT,
     )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, seed, threshold, groups_ptr,
+    finish_tile(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, groups_ptr,
                 group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, 0, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
                 HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
@@ -68,6 +68,7 @@ def low_rank(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
+    keep_bits: torch.Tensor | None = None,
     lora_dtype: torch.dtype | None = None,
     groups: tuple[int, torch.Tensor] | None = None,
     x_dtype: torch.dtype | None = None,
@@ -76,7 +77,8 @@ def low_rank(
     r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0; `groups` as
     for :func:`kernels.lora_gemm.lora_gemm`. `x_dtype` (default `out_dtype`): the activations' dtype, which
     picks the product's precision mode — an fp32 `out_dtype` for 16-bit activations keeps the term unrounded
-    for an fp32-output addmm, in the mode the fused GEMM uses for those activations."""
+    for an fp32-output addmm, in the mode the fused GEMM uses for those activations. `keep_bits`: the
+    mask packed (else drawn from `seed` first), as for :func:`kernels.lora_gemm.lora_gemm`."""
     M, R = l.shape
     N = r.shape[1]
     check_interpretable(r)
@@ -84,6 +86,7 @@ def low_rank(
     if M == 0 or N == 0:
         return out
     dropout = dropout_p > 0.0
+    bits = _bits(keep_bits, seed, M, N, dropout_p, l.device) if dropout else None
     lora_dtype = lora_dtype or r.dtype
     arch = device_arch(l)
     tma = arch >= 90 and tma_compatible(out, l)
@@ -96,11 +99,12 @@ def low_rank(
         LORA_DTYPE=mode_dtype, TMA=tma, R_NR=r_nr, R_CHUNK=R_CHUNK,
     )  # fmt: skip
     args = (
-        l, r, bias if bias is not None else out, out, seed if dropout else out,
+        l, r, bias if bias is not None else out, out, bits if dropout else out,
         M, N, R,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
         bias.stride(0) if bias is not None else 0,
-        drop_threshold(dropout_p), groups[0] if groups else 1, groups[1] if groups else out,
+        bits.shape[1] if dropout else 0, groups[0] if groups else 1,
+        groups[1] if groups else out,
     )  # fmt: skip
 
     def run(c: GemmConfig) -> torch.Tensor:
