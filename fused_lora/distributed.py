@@ -95,9 +95,12 @@ def fsdp_managed(module: nn.Module) -> bool:
     version counters preserved (``_unsafe_preserve_version_counter``), so a cache keyed on a tensor's
     version (DoRA's ‖W‖², fused_lora.dora) would miss a change made to the sharded parameters between
     forwards (an in-place edit, a state_dict load). Uses FSDP2's module registry (torch-internal); the
-    answer is kept on the module until the registry changes size (a unit added or freed)."""
+    answer is kept on the module until the registry changes size (a unit added or freed). While
+    torch.compile traces, True without looking (nothing is cached then anyway; no registry walk to trace)."""
     if _dist() is None:
         return False
+    if torch.compiler.is_compiling():
+        return True
     if any(is_dtensor(p) for p in module.parameters(recurse=False)):
         return True
     try:
