@@ -29,9 +29,12 @@ class Job:
     serial_ok: bool = False  # memory-bound (N = r): serialised wgmma is reported, not a failure
     one_pipeline: bool = False  # sm_90a must fuse the tile walk and the K loop into one loop (TTGIR)
     options: dict = dataclasses.field(default_factory=dict)  # further compile options (enable_fp_fusion, ...)
+    programs_per_sm: int = 1  # the persistent GEMM's programs per SM (its grid and NUM_PROGRAMS follow)
 
     def meta_for(self, arch: int) -> dict:
-        return {**self.meta, "NUM_PROGRAMS": NUM_SMS[arch]} if "NUM_PROGRAMS" in self.meta else self.meta
+        if "NUM_PROGRAMS" not in self.meta:
+            return self.meta
+        return {**self.meta, "NUM_PROGRAMS": NUM_SMS[arch] * self.programs_per_sm}
 
 
 # (label, activations, adapters, dX with dropout?) — the fp32-adapter and fp32 variants are the heaviest.
@@ -139,7 +142,8 @@ def gemm_jobs(sizes: dict, measure_smem: bool = False) -> list[Job]:
                 path = ("TMA, r<=16" if r_pad <= 16 else "TMA, r>16") if tma else "pointers"
                 variant = f"{label}, {path}"
                 jobs.append(Job("_lora_gemm_kernel", "lora_gemm", _cfg_name(c), variant, args, meta,
-                                c.num_warps, c.num_stages, True, archs, tma, one_pipeline=bool(slices)))  # fmt: skip
+                                c.num_warps, c.num_stages, True, archs, tma, one_pipeline=bool(slices),
+                                programs_per_sm=c.programs_per_sm))  # fmt: skip
     return jobs
 
 

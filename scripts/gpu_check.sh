@@ -23,7 +23,7 @@
 #                   realistic sizes, both implementations and tile paths, embedding, QLoRA, the decoder layer
 #   2. tests-rest   pytest -m gpu -k "not bf16": fp16/fp32 realistic parity, no recompilation for a new
 #                   sequence length, CUDA graphs, the auto-timing test, torch.compile reduce-overhead
-#   3. warm         python -m fused_lora.bench.warm: compiles, in 13 processes, every configuration the tuner
+#   3. warm         python -m fused_lora.bench.warm: compiles, in 14 processes, every configuration the tuner
 #                   will time at the reference shape, into Triton's on-disk cache
 #   4. bench        the reference shape: M = 8192, K = N = 4096, r = 16, bf16, fp32 adapters; providers fused
 #                   (= FUSED_LORA_IMPL=auto, the per-shape choice), fused-tma (= use_impl("fused"): the fused
@@ -54,7 +54,8 @@
 #                (bf16 x, fp32 adapters, r = 16, sm_90a, TMA, triton 3.6): forward GEMM 12, dX GEMM 12 (p = 0) and 8
 #                (dropout), shrink 11 + 11, grad pass 8 + 8, low-rank term 3 + 3 + 3 = 79 compiles; one
 #                after another in the benchmark's process (~2-4 min) they would eat the budget, so worker i
-#                of 13 compiles configuration i of every table (~10 compiles, ~30 s)  cap 60 s, est. 30-45 s
+#                of 14 compiles configuration i of every table (~10 compiles, ~30 s)  cap 60 s, est. 30-45 s;
+#                a split grad pass's candidate warms its split form, the unsplit one compiles in bench
 #   bench        the tuner times the 79 candidates on cached binaries (do_bench 10 + 40 ms each, ~10 s),
 #                then 6 providers x 2 modes x 2 dropouts, do_bench rep 100 ms (~15 s), import ~10 s
 #                (without the warm stage's binaries: ~2-4 min of compiles more)        cap 160 s, est. 40-60 s

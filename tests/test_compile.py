@@ -99,7 +99,8 @@ def test_hopper_gemm_is_one_pipeline_across_tiles(rows):
         want = 1 if r["variant"].endswith("r<=16") and not exempt else 2
         assert r["loop_nest"] == want, r
         assert r["per_tile"] > 0, r
-    assert sum(r["loop_nest"] == 1 for r in tma) >= len(tma) // 3
+    one_per_sm = [r for r in tma if not r["config"].endswith(" p2")]  # two per SM: admitted nested only
+    assert sum(r["loop_nest"] == 1 for r in one_per_sm) >= len(one_per_sm) // 3
 
 
 @pytest.mark.compile
@@ -126,6 +127,37 @@ def test_smem_admission_follows_the_compiler(rows):
     four = [r for r in rows if r["config"] == "128x256x64x8x4 w8 s4" and ", TMA, r" in r["variant"]]
     assert four and old > configs.SMEM_LIMIT[90] - configs.SMEM_MARGIN
     assert all(r["shared"] <= configs.SMEM_LIMIT[90] for r in four)
+
+
+@pytest.mark.compile
+def test_two_programs_per_sm_fit_twice(rows):
+    """A configuration with programs_per_sm = 2 (its name ends " p2") is admitted only where two of its
+    programs fit on one SM: every such compile holds at most 65,536 / (2 x threads) registers and twice
+    its shared memory (with the system's 1 KB per block) within the SM's 228 KB."""
+    rows, _ = rows
+    two = [r for r in rows if r["config"].endswith(" p2")]
+    assert two, "no two-per-SM job compiled"
+    for r in two:
+        warps = int(r["config"].split(" w")[1].split()[0])
+        assert r["registers"] <= configs.REGS_PER_SM // (2 * 32 * warps), r
+        assert 2 * (r["shared"] + configs.SMEM_RESERVED) <= configs.SMEM_PER_SM[90], r
+        assert r["arch"] == "sm_90a" and r["variant"].startswith("y+bias") and r["loop_nest"] == 2, r
+
+
+def test_two_programs_per_sm_admission():
+    """Two per SM: the nested 16-bit forward on Hopper, by its measured shared memory; never dX with dropout
+    (its epilogue's registers), the one-loop form (122,920 B: twice is over 228 KB), fp32, pointers, Ampere."""
+    two = next(c for c in configs.GEMM if c.programs_per_sm == 2)
+    assert configs.name(two).endswith(" p2") and configs.launch_kwargs(two).keys() >= {"BLOCK_M", "num_warps"}
+    assert "programs_per_sm" not in configs.launch_kwargs(two)
+    assert configs.keep_gemm(two, 2, False, 90, True, 4, pipelined=False)
+    assert not configs.keep_gemm(two, 2, True, 90, True, 4, pipelined=False)
+    assert not configs.keep_gemm(two, 2, False, 90, True, 4, pipelined=True)
+    assert not configs.keep_gemm(two, 4, False, 90, True, 4, pipelined=False)
+    assert not configs.keep_gemm(two, 2, False, 90, False)
+    assert not configs.keep_gemm(two, 2, False, 80, False)
+    unmeasured = two._replace(num_stages=2)
+    assert not configs.keep_gemm(unmeasured, 2, False, 90, True, 4, pipelined=False)
 
 
 def test_smem_table_decides_admission():

@@ -20,6 +20,9 @@ from .utils import interpreting
 # (Hopper: TMA descriptors, wgmma). Shared memory per block, less a margin for what Triton adds.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per block (the opt-in maximum)
 SMEM_MARGIN = 8 * 1024
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # per SM, shared by the blocks resident on it
+SMEM_RESERVED = 1024  # per block, kept by the system (CUDA reserves 1 KB of each block's shared memory)
+REGS_PER_SM = 65536
 
 
 class GemmConfig(NamedTuple):
@@ -32,6 +35,9 @@ class GemmConfig(NamedTuple):
     SUBTILES: int  # the epilogue works on BLOCK_N / SUBTILES columns at a time (dropout, stores)
     num_warps: int
     num_stages: int
+    # persistent programs per SM: 2 lets one program's epilogue and pipeline refill overlap the other's
+    # main loop (the nested form's exposed per-tile time); admitted where two fit (keep_gemm)
+    programs_per_sm: int = 1
 
 
 class ShrinkConfig(NamedTuple):
@@ -72,6 +78,8 @@ GEMM = [
     GemmConfig(128, 128, 32, 8, 2, 8, 3),
     GemmConfig(64, 128, 32, 8, 2, 4, 4),
     GemmConfig(64, 64, 32, 8, 1, 4, 4),
+    # two per SM: the nested forward (r > 16, grouped) only — 114,712 B and ~122 registers fit twice
+    GemmConfig(128, 128, 64, 8, 2, 8, 3, programs_per_sm=2),
 ]
 # The hybrid's low-rank term out = mask ⊙ (L·R) + bias: K = 0, memory-bound (writes [M, N]).
 LOW_RANK = [
@@ -200,10 +208,14 @@ def keep_gemm(c: GemmConfig, elem_bytes: int, dropout: bool, arch: int, tma: boo
     if elem_bytes == 4 and c.BLOCK_K > 32:
         return False
     hopper = tma and arch >= 90
+    if c.programs_per_sm > 1 and not (hopper and not dropout and not pipelined and elem_bytes == 2):
+        return False  # two per SM: measured only for the nested 16-bit forward (dX's epilogue needs ~184 registers)
     if not check_smem:
         return True
     smem = gemm_smem(c, elem_bytes, lora_bytes, hopper, dropout, pipelined and hopper)
     measured = hopper and smem_measured(c, elem_bytes, dropout, pipelined)
+    if c.programs_per_sm > 1:  # every resident program's allocation, and the system's 1 KB each, on one SM
+        return measured and c.programs_per_sm * (smem + SMEM_RESERVED) <= SMEM_PER_SM[arch]
     return smem <= SMEM_LIMIT[arch] - (0 if measured else SMEM_MARGIN)
 
 
@@ -275,7 +287,8 @@ def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: 
 def name(c) -> str:
     """A configuration's name: its tile sizes, then warps and stages ("128x256x64x8x2 w8 s3")."""
     tiles = [str(v) for k, v in c._asdict().items() if k.isupper()]
-    return "x".join(tiles) + f" w{c.num_warps} s{c.num_stages}"
+    per_sm = getattr(c, "programs_per_sm", 1)
+    return "x".join(tiles) + f" w{c.num_warps} s{c.num_stages}" + (f" p{per_sm}" if per_sm > 1 else "")
 
 
 def launch_kwargs(c) -> dict:

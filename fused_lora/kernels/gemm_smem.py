@@ -18,6 +18,7 @@ SM90 = {
     ('128x128x32x8x2 w8 s3', 4, True, True): 147488,
     ('128x128x64x8x1 w8 s4', 2, False, False): 163872,
     ('128x128x64x8x1 w8 s4', 2, False, True): 172080,
+    ('128x128x64x8x2 w8 s3 p2', 2, False, False): 114712,
     ('128x128x64x8x2 w8 s4', 2, False, False): 147488,
     ('128x128x64x8x2 w8 s4', 2, False, True): 155696,
     ('128x128x64x8x2 w8 s4', 2, True, False): 147488,

@@ -211,8 +211,9 @@ def lora_gemm(
 
     def run(c: GemmConfig) -> torch.Tensor:
         tiles = triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N)
-        grid = (min(variant["NUM_PROGRAMS"], tiles),)
-        launch(_lora_gemm_kernel, grid, *args, **variant, **config_kwargs(c))
+        programs = variant["NUM_PROGRAMS"] * c.programs_per_sm  # the persistent grid follows the config
+        launch(_lora_gemm_kernel, (min(programs, tiles),), *args, **{**variant, "NUM_PROGRAMS": programs},
+               **config_kwargs(c))  # fmt: skip
         return out
 
     if deterministic:
