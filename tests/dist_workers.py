@@ -65,15 +65,17 @@ def run(worker, *args, timeout: float = 120.0) -> None:
 # ---------------------------------------------------------------- the model and the data
 
 
-def tiny_model(dtype=torch.float32, merge_weights=False) -> nn.Module:
-    """Two LoRALinear layers (one stored fan_in_fan_out) with non-zero B, so every gradient is non-zero."""
+def tiny_model(dtype=torch.float32, merge_weights=False, use_dora=False) -> nn.Module:
+    """Two LoRALinear layers (one stored fan_in_fan_out) with non-zero B, so every gradient is non-zero
+    (`use_dora`: DoRA layers, magnitudes from the initial W, so m != n once B is made non-zero)."""
     import fused_lora
 
     torch.manual_seed(0)
+    kw = dict(merge_weights=merge_weights, use_dora=use_dora, dtype=dtype)
     model = nn.Sequential(
-        fused_lora.LoRALinear(IN, HIDDEN, R, 8, merge_weights=merge_weights, dtype=dtype),
+        fused_lora.LoRALinear(IN, HIDDEN, R, 8, **kw),
         nn.ReLU(),
-        fused_lora.LoRALinear(HIDDEN, OUT, R, 8, fan_in_fan_out=True, merge_weights=merge_weights, dtype=dtype),
+        fused_lora.LoRALinear(HIDDEN, OUT, R, 8, fan_in_fan_out=True, **kw),
     )
     with torch.no_grad():
         for m in (model[0], model[2]):
@@ -118,8 +120,8 @@ def _kernels_launched(backend: str):
         assert launched["_shrink_kernel"] == 2 and launched["_lora_grad_kernel"] == 2, launched
 
 
-def _assert_grads_equal(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys() and len(got) == 4
+def _assert_grads_equal(got: dict, want: dict, count: int = 4) -> None:
+    assert got.keys() == want.keys() and len(got) == count, (got.keys(), want.keys())
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
@@ -341,28 +343,6 @@ def fsdp_in_place(rank: int) -> None:
             torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def dora_model(dtype=torch.float32) -> nn.Module:
-    """tiny_model's two layers as DoRA (magnitudes from the initial W, then B made non-zero: m != n)."""
-    import fused_lora
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        fused_lora.LoRALinear(IN, HIDDEN, R, 8, use_dora=True, dtype=dtype),
-        nn.ReLU(),
-        fused_lora.LoRALinear(HIDDEN, OUT, R, 8, fan_in_fan_out=True, use_dora=True, dtype=dtype),
-    )
-    with torch.no_grad():
-        for m in (model[0], model[2]):
-            m.lora_B.normal_(std=0.3)
-    return model
-
-
-def _assert_close(got: dict, want: dict, count: int) -> None:
-    assert got.keys() == want.keys() and len(got) == count, (got.keys(), want.keys())
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
-
-
 def dora_distributed(rank: int, directory: str) -> None:
     """DoRA LoRALinear under DDP and FSDP2: gradients of A, B and the magnitude equal one process's (the
     kernels running); with FSDP2, an in-place edit of the sharded base weights between forwards reaches
@@ -377,20 +357,20 @@ def dora_distributed(rank: int, directory: str) -> None:
     x, target = data()
     with fused_lora.use_backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # FSDP2 warns when a unit returns a view
-        single = dora_model()
+        single = tiny_model(use_dora=True)
         step(single, x, target)
         want = lora_grads(single)
-        ddp = nn.parallel.DistributedDataParallel(dora_model())
+        ddp = nn.parallel.DistributedDataParallel(tiny_model(use_dora=True))
         with _kernels_launched("triton"):
             step(ddp, x[rank::WORLD], target[rank::WORLD])
-        _assert_close(lora_grads(ddp.module), want, 6)
-        sharded = shard(dora_model())
+        _assert_grads_equal(lora_grads(ddp.module), want, 6)
+        sharded = shard(tiny_model(use_dora=True))
         with _kernels_launched("triton"):
             step(sharded, x[rank::WORLD], target[rank::WORLD])
-        _assert_close(lora_grads(sharded), want, 6)
+        _assert_grads_equal(lora_grads(sharded), want, 6)
 
     with fused_lora.use_backend("reference"), torch.no_grad():
-        single, model = dora_model(), shard(dora_model())
+        single, model = tiny_model(use_dora=True), shard(tiny_model(use_dora=True))
         torch.testing.assert_close(model(x), single(x), rtol=1e-5, atol=1e-6)
         fused_lora.distributed.reshard_all(model)  # the root unit kept unsharded copies after that forward
         for layer in (0, 2):  # the sharded base weights changed in place, as a state_dict load does
@@ -410,7 +390,7 @@ def dora_distributed(rank: int, directory: str) -> None:
                 model[layer].lora_magnitude.to_local().mul_(1.5)
                 single[layer].lora_magnitude.mul_(1.5)
         fused_lora.save_adapter(model, directory)
-        fresh = dora_model()
+        fresh = tiny_model(use_dora=True)
         with torch.no_grad():
             for layer in (0, 2):
                 fresh[layer].weight.mul_(0.5)

@@ -22,6 +22,7 @@ from fused_lora.function import _draw_seed
 from fused_lora.kernels.dropout import effective_dropout_p
 
 from helpers import assert_close_to_ref
+from test_grad_split import _inputs
 
 grad_module = importlib.import_module("fused_lora.kernels.lora_grad")  # the package exports the function by that name
 SEED = torch.tensor([987654321], dtype=torch.int64)
@@ -42,12 +43,6 @@ def test_packed_bits_are_the_kernels_mask(M, K, p):
     assert torch.equal(got, want), (got != want).nonzero()[:5]
 
 
-def _grad_inputs(M, N, K, r, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(M, N, generator=g).to(dtype), torch.randn(N, r, generator=g) / 4,
-            torch.randn(M, r, generator=g), torch.randn(M, K, generator=g).to(dtype))  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "choice, deterministic, r",
     [(0, False, 5), (1, False, 5), (0, True, 5), (0, False, 70), ("split3", False, 5), ("split2", True, 12)],
@@ -56,7 +51,7 @@ def test_the_grad_pass_stores_the_mask_as_it_goes(choice, deterministic, r):
     """Configuration 0 (16 rows x 32 columns) packs in the dA pass; configuration 1 (16-column tiles)
     leaves it to the small kernel: the bits are the same either way, and so are g, dA, dB."""
     M, N, K, p = 37, 50, 130, 0.3
-    dy, B, xa, x = _grad_inputs(M, N, K, r)
+    dy, B, xa, x = _inputs(M, N, K, r, torch.float32, torch.float32)
     name = configs.name(configs.GRAD_INTERPRET[0 if isinstance(choice, str) else choice])
     if isinstance(choice, str):
         name += " " + choice
@@ -78,7 +73,7 @@ def test_the_grad_pass_stores_the_mask_as_it_goes(choice, deterministic, r):
 
 def test_without_da_the_small_kernel_draws_the_bits():
     M, N, K, r, p = 20, 24, 70, 3, 0.4
-    dy, B, xa, x = _grad_inputs(M, N, K, r)
+    dy, B, xa, x = _inputs(M, N, K, r, torch.float32, torch.float32)
     bits = new_keep_bits(M, K, x.device)
     before = LAUNCHES.copy()
     g, dA, dB = grad_module.lora_grad(dy, B, xa, x, scaling=1.0, dropout_p=p, seed=SEED, need_dA=False,
