@@ -82,7 +82,7 @@ def _gemm_args(dt: str, lora_dt: str, sizes: dict, backward: bool, tma: bool) ->
                        stride_rr=1, stride_rn=r, stride_om=N, stride_on=1)
         n_out, k_red = N, K
     return dict(p_ptr="*" + dt, q_ptr="*" + dt, l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt,
-                out_ptr="*" + dt, bits_ptr="*i32", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
+                scale_ptr="*fp32", out_ptr="*" + dt, bits_ptr="*i32", M=M, N=n_out, K=k_red, R=r, stride_bias=1,
                 bits_words="i32", group_n="i32", groups_ptr="*i32", **strides)
 
 
@@ -91,8 +91,9 @@ def _low_rank_args(dt: str, lora_dt: str, sizes: dict, backward: bool, out_dt: s
     n_out = sizes["K"] if backward else sizes["N"]
     lr = dict(stride_rr=n_out, stride_rn=1) if backward else dict(stride_rr=1, stride_rn=r)
     out = "*" + (out_dt or dt)
-    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, out_ptr=out, bits_ptr="*i32",
-                M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out, stride_on=1, stride_bias=1,
+    return dict(l_ptr="*fp32", r_ptr="*" + lora_dt, bias_ptr="*" + dt, scale_ptr="*fp32", base_ptr=out,
+                out_ptr=out, bits_ptr="*i32", M=M, N=n_out, R=r, stride_lm=r, stride_lr=1, stride_om=n_out,
+                stride_on=1, stride_bias=1, stride_basem=n_out,
                 bits_words="i32", group_n="i32", groups_ptr="*i32", **lr)
 
 
@@ -110,7 +111,8 @@ def _grad_args(dt: str, sizes: dict, r: int) -> dict:
                 stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
                 stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
                 stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32", n_chunk="i32",
-                k_chunk="i32", stride_gs="i32", bits_words="i32")
+                k_chunk="i32", stride_gs="i32", bits_words="i32", c_ptr="*fp32", y_ptr="*" + dt, dz_ptr="*" + dt,
+                ds_ptr="*fp32", stride_ym=N, stride_dzm=N)
 # fmt: on
 
 
@@ -133,7 +135,8 @@ def gemm_jobs(sizes: dict, measure_smem: bool = False) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else archs
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False, **modes, TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False, COL_SCALE=False, **modes,
+                            TMA=tma,
                             MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32",
                             Q_NK=tma and not backward, R_NR=tma and not backward, NUM_PROGRAMS=0,
                             R_CHUNK=R_CHUNK, R_SLICES=slices, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
@@ -165,8 +168,8 @@ def low_rank_jobs(sizes: dict) -> list[Job]:
                 archs = tuple(a for a in archs if a >= 90) if tma else tuple(a for a in archs if a < 90)
                 if not archs:
                     continue
-                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False,
-                            **_modes(dt, lora_dt, kept=False), TMA=tma,
+                meta = dict(HAS_BIAS=not backward, DROPOUT=backward, HAS_GROUPS=False, COL_SCALE=False,
+                            HAS_BASE=False, **_modes(dt, lora_dt, kept=False), TMA=tma,
                             R_NR=tma and not backward, R_CHUNK=R_CHUNK, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
                             BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M, SUBTILES=c.SUBTILES)  # fmt: skip
                 args = _low_rank_args(dt, lora_dt, sizes, backward, out_dt)
@@ -203,17 +206,20 @@ def shrink_jobs(sizes: dict) -> list[Job]:
     return jobs
 
 
-def grad_jobs(sizes: dict) -> list[Job]:
+def grad_jobs(sizes: dict, dora: bool = False) -> list[Job]:
+    """The grad pass in its heaviest variant per configuration, whole and split; `dora`: DoRA's (the dY
+    loop also reading y and writing dz: COL_SCALE), at the ranks kernels.configs admits it for."""
     from fused_lora.kernels.configs import GRAD, grad_r_block, keep_grad
 
+    keep = (lambda *a: keep_grad(*a, dora=True)) if dora else keep_grad
     jobs = []
     for c in GRAD:
-        for dt, lora_dt, r, archs in _stream_variants(c, keep_grad, cap=lambda dt: grad_r_block(256, BYTES[dt])):
+        for dt, lora_dt, r, archs in _stream_variants(c, keep, cap=lambda dt: grad_r_block(256, BYTES[dt])):
             modes = _modes(dt, lora_dt, kept=True)
             meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
                         G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
                         D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, PHASE=0,
-                        STORE_BITS=True)  # fmt: skip
+                        STORE_BITS=True, COL_SCALE=dora, STORE_DZ=dora)  # fmt: skip
             variant = f"dropout {dt}, {lora_dt} A/B, r<={r}"
             args = {**_grad_args(dt, sizes, r), "b_ptr": "*" + lora_dt}
             jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, args, meta,
@@ -400,9 +406,43 @@ def column_scale_jobs(sizes: dict) -> list[Job]:
     return jobs
 
 
+def dora_epilogue_jobs(sizes: dict) -> list[Job]:
+    """DoRA's fast path (fused_lora/dora_function.py): the fused GEMM's forward with the column scale in
+    its epilogue (no bias) on every path the LoRA forward takes, the hybrid's pass over cuBLAS's x·Wᵀ
+    (base + term, scaled), the grad pass's dY loop writing dz and dm's sums (bf16 activations), and the
+    zero-magnitude columns' recomputation."""
+    from fused_lora.kernels import column_scale as cs
+
+    jobs = []
+    for job in gemm_jobs(sizes):
+        if "dX" not in job.variant and job.variant.startswith("y+bias, bf16 x/W, fp32 A/B"):
+            variant = job.variant.replace("y+bias", "y·c (DoRA)")
+            meta = {**job.meta, "HAS_BIAS": False, "COL_SCALE": True}
+            jobs.append(dataclasses.replace(job, variant=variant, meta=meta))
+    for job in low_rank_jobs(sizes):
+        if job.variant.startswith("C=bias, bf16 x/W, fp32 A/B"):
+            variant = job.variant.replace("C=bias", "y=(Z+C)·c (DoRA)")
+            meta = {**job.meta, "HAS_BIAS": False, "COL_SCALE": True, "HAS_BASE": True}
+            jobs.append(dataclasses.replace(job, variant=variant, meta=meta))
+    for job in grad_jobs(sizes, dora=True):  # the dY pass also writing dz and dm's column sums (whole, and split)
+        if job.meta["PHASE"] != 2:
+            jobs.append(dataclasses.replace(job, variant="DoRA dz + Σ dY·y, " + job.variant))
+    M, N, K = sizes["M"], sizes["N"], sizes["K"]
+    for dt in ("bf16", "fp32"):
+        args = dict(x_ptr="*" + dt, w_ptr="*" + dt, xa_ptr="*fp32", b_ptr="*fp32", dy_ptr="*" + dt, c_ptr="*fp32",
+                    out_ptr="*fp32", M=M, N=N, K=K, R=16, rows_per="i32", stride_xm=K, stride_xk=1, stride_wn=K,
+                    stride_wk=1, stride_xam=16, stride_bn=16, stride_br=1, stride_dym=N)  # fmt: skip
+        meta = dict(MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=cs.DEAD_BLOCK_M,
+                    BLOCK_N=cs.DEAD_BLOCK_N, BLOCK_K=cs.DEAD_BLOCK_K, R_CHUNK=16)  # fmt: skip
+        name = f"{cs.DEAD_BLOCK_M}x{cs.DEAD_BLOCK_N}x{cs.DEAD_BLOCK_K} w4 s{cs.DEAD_STAGES}"
+        jobs.append(Job("_dead_columns_kernel", "column_scale", name, f"{dt} x/W/dY, fp32 B", args, meta, 4,
+                        cs.DEAD_STAGES, True))  # fmt: skip
+    return jobs
+
+
 _all_jobs_before_column_scale = all_jobs
 
 
 def all_jobs(sizes: dict) -> list[Job]:
     """Every job above, DoRA's column scale included (this block only appends to the file)."""
-    return _all_jobs_before_column_scale(sizes) + column_scale_jobs(sizes)
+    return _all_jobs_before_column_scale(sizes) + column_scale_jobs(sizes) + dora_epilogue_jobs(sizes)

@@ -14,8 +14,8 @@ and refreshes it; under torch.compile it is recomputed each call), W·Aᵀ is on
 pass over W, r/M of the main GEMM's work), A·Aᵀ is r × r; the three terms are summed in float64.
 
 **Precision, and cancellation.** W·Aᵀ is the only term with a rounding that matters: on a GPU with 16-bit
-W it is two fp32-output products of W with A split into 16-bit high and low parts (|δP_ji| ≤ ε·‖W_j‖·‖A_i‖,
-ε = 2⁻¹⁶ + in·2⁻²⁴); elsewhere float64 in row chunks (ε = in·2⁻⁵³). So
+W it is one fp32-output product of W with A's 16-bit high and low parts stacked [2r, in] (W read once;
+|δP_ji| ≤ ε·‖W_j‖·‖A_i‖, ε = 2⁻¹⁶ + in·2⁻²⁴); elsewhere float64 in row chunks (ε = in·2⁻⁵³). So
 |δ(n_j²)| ≤ β_j = 2|s|·ε·‖W_j‖·Σ_i ‖A_i‖·|B_ji|. Where n_j² is small against β_j (the adapter cancels
 most of W_j), the factored form loses digits: rows with β_j > 2⁻²⁰·n_j² are recomputed directly,
 ‖W_j + s·B_j·A‖ in float64 — the GUARD_ROWS rows with the largest β_j / n_j² per call, a fixed number
@@ -30,15 +30,18 @@ eval mode and in expectation, but it runs a second base GEMM on the dropped-out 
 ``fused_lora.set_dora_formula("peft")``, ``with fused_lora.use_dora_formula("peft"): ...`` or
 FUSED_LORA_DORA_FORMULA=peft.
 
-**Gradients** follow from autograd through the column scale: dz = dY ⊙ (m/n) runs the LoRA backward
-(dX, dA, dB on the kernels), dm_j = Σ_t dY_tj·z_tj / n_j. Saved for backward beyond LoRA's: z (the fused
-GEMM's output, [M, out] in x's dtype) and the [out] scale. The scale is its own pair of memory-bound
-kernels (fused_lora/kernels/column_scale.py: fp32 arithmetic, 16-bit tensors, one pass each way; torch's ops with
-an fp32 magnitude would make fp32 [M, out] temporaries), but dz reaches the LoRA kernels rounded to x's dtype — as dY always does for LoRA — where PEFT's promotion
-keeps its DoRA term's gradient in fp32: dA and dB are then as precise as x's dtype allows, not fp32's.
-Not yet fused: the scale in the GEMM's epilogue (before the bias) and dY scaled inside the backward
-kernels, z recovered from y — which would drop that [M, out] tensor, the elementwise passes and the
-extra rounding of dz.
+**Gradients**: dz = dY ⊙ (m/n) runs the LoRA backward (dX, dA, dB on the kernels), and
+dm_j = Σ_t dY_tj·z_tj / n_j. Without a bias (Llama's projections; :mod:`fused_lora.dora_function`) m/n is applied in the fused GEMM's
+epilogue, the output y itself is saved instead of z (shared with any consumer that saves it too), dm comes
+from Σ dY·y / c (recomputed from x where m_j = 0), and the grad pass writes dz as it streams dY, with B's
+rows scaled by m/n so that dA and dB come from dY unrounded: no pass of its own either way. With a bias,
+and under torch.compile, torch.func, forward-mode AD, autocast or a 4-bit weight, LoRA's operator and the
+column scale are composed instead: z ([M, out], x's dtype) saved, the scale its own pair of memory-bound
+kernels (fused_lora/kernels/column_scale.py: fp32 arithmetic, 16-bit tensors, one pass each way; torch's
+ops with an fp32 magnitude would make fp32 [M, out] temporaries), and dz reaches the LoRA kernels rounded
+to x's dtype — where PEFT's promotion keeps its DoRA term's gradient in fp32, dA and dB are then as
+precise as x's dtype allows, not fp32's. (Recovering z from y with a bias would lose digits wherever the
+bias dominates a column, so z is kept there.)
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
+from .dora_function import DoraLinearFunction, fused_path_ok
 from .function import lora_linear
+from .impl import get_impl
 from .setting import Setting
-from .validation import KERNEL_DTYPES, check_dropout, check_scaling
+from .validation import KERNEL_DTYPES, check_dropout, check_lora_inputs, check_scaling
 
 DORA_FORMULA = Setting("dora_formula", ("auto", "fused", "peft"), env_var="FUSED_LORA_DORA_FORMULA")
 GUARD_ROWS = 16  # rows per call whose norm may be recomputed directly (see the module docstring)
@@ -116,8 +121,9 @@ def _w_times_at(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tenso
         a = lora_A.detach().float()
         hi = a.to(weight.dtype)
         lo = (a - hi.float()).to(weight.dtype)
-        p = torch.mm(weight, hi.t(), out_dtype=torch.float32) + torch.mm(weight, lo.t(), out_dtype=torch.float32)
-        return p.double(), 2.0**-16 + K * 2.0**-24
+        r = a.shape[0]
+        both = torch.mm(weight, torch.cat([hi, lo]).t(), out_dtype=torch.float32)  # one pass over W: [out, 2r]
+        return both[:, :r].double() + both[:, r:].double(), 2.0**-16 + K * 2.0**-24
     a = lora_A.detach().double()
     out = torch.empty(weight.shape[0], a.shape[0], dtype=torch.float64, device=weight.device)
     for r0, r1 in _row_chunks(*weight.shape):
@@ -201,6 +207,11 @@ def dora_linear(
         dropped = F.linear(xd, weight)
         out = base.to(dt) + (scale - 1).to(dt) * dropped.to(dt) + scale.to(dt) * low
         return out.to(x.dtype)
+    tensors = all(isinstance(t, torch.Tensor) for t in (x, weight, lora_A))
+    if tensors and fused_path_ok(x, weight, lora_A, bias, scale):  # c in the GEMM's epilogue, y saved (dora_function)
+        check_lora_inputs(x, weight, lora_A, lora_B, None)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        return DoraLinearFunction.apply(x, weight, lora_A, lora_B, scale, s, p, deterministic, get_impl())
     z = lora_linear(x, weight, lora_A, lora_B, s, None, p, training=True)
     return scale_columns(z, scale, bias)
 

@@ -67,14 +67,24 @@ def use_impl(name: str) -> Iterator[None]:
         yield
 
 
-def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None, name=None) -> torch.Tensor:
-    """y [M, N] = x·Wᵀ + xa·Bᵀ + bias, by the implementation chosen for this problem (`groups`: see
-    kernels.lora_gemm; `name`: the configured implementation, :func:`get_impl` when None)."""
+def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=None, name=None,
+                 col_scale=None) -> torch.Tensor:  # fmt: skip
+    """y [M, N] = (x·Wᵀ + xa·Bᵀ) ⊙ col_scale + bias, by the implementation chosen for this problem
+    (`groups`: see kernels.lora_gemm; `name`: the configured implementation, :func:`get_impl` when None;
+    `col_scale`: DoRA's fp32 [N] m/n, without bias or groups — the fused GEMM applies it in its
+    epilogue, the hybrid in a pass over cuBLAS's x·Wᵀ that also adds the low-rank term)."""
 
     def fused():
-        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups)
+        return k.lora_gemm(x2, weight.t(), xa, lora_B.t(), bias=bias, deterministic=deterministic, groups=groups,
+                           col_scale=col_scale)  # fmt: skip
 
     def hybrid():
+        if col_scale is not None:  # a per-column scale cannot ride on addmm: cuBLAS first, then the term and c
+            if _wide(x2.dtype):
+                base = mm_fp32(x2, weight.t())
+                return k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, base=base, col_scale=col_scale, x_dtype=x2.dtype)
+            base = torch.mm(x2, weight.t())
+            return k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, base=base, col_scale=col_scale, out=base)
         if _wide(x2.dtype):
             c = k.low_rank(xa, lora_B.t(), out_dtype=torch.float32, bias=bias, groups=groups, x_dtype=x2.dtype)
             return addmm_fp32(c, x2, weight.t()).to(x2.dtype)
@@ -83,6 +93,8 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
 
     M, K, N, r = x2.shape[0], x2.shape[1], weight.shape[0], lora_B.shape[1]
     key = ("fwd", x2.dtype, lora_B.dtype, M, N, K, r, 0.0, bias is not None)
+    if col_scale is not None:  # DoRA's variants are timed apart from LoRA's
+        key = ("fwd-dora", *key[1:])
     return _run(key, fused, hybrid, deterministic, x2.device, name)
 
 
@@ -129,6 +141,16 @@ def addmm_fp32(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
         except (TypeError, NotImplementedError, RuntimeError):  # no out_dtype, or not for these operands
             pass
     return c.addmm_(a.float(), b.float())
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b in fp32 for 16-bit a, b: cuBLAS's fp32-output GEMM where there is one (as :func:`addmm_fp32`)."""
+    if a.device.type == "cuda":
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError, RuntimeError):
+            pass
+    return a.float() @ b.float()
 
 
 def resolve(key: tuple, deterministic: bool, device: torch.device, bench=None, name: str | None = None) -> str:

@@ -140,25 +140,38 @@ def lora_linear_bwd(
     weight_info: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [..., K], dA, dB) in x's and the adapters' dtypes; each an empty tensor when not needed."""
-    k = _k()
     dx, dA, dB = x.new_empty(0), lora_A.new_empty(0), lora_B.new_empty(0)
     if need_x or need_A or need_B:
-        K = x.shape[-1]
-        x2, dy2 = _2d(x), _2d(dy)
-        # dX's epilogue reads the mask packed (1 bit per element), stored by the dA pass as it regenerates
-        # it, instead of running Philox again: int32 [M, ⌈K/32⌉], alive until dX is written
-        bits = k.new_keep_bits(x2.shape[0], K, x.device) if need_x and dropout_p > 0.0 else None
-        g, da, db = k.lora_grad(dy2, lora_B, xa, x2, scaling=scaling, dropout_p=dropout_p, seed=seed,
-                                need_g=need_x, need_dA=need_A, need_dB=need_B, deterministic=deterministic,
-                                keep_bits_out=bits)  # fmt: skip
-        if need_x:
-            state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
-            with base_weight.dense(weight, state, weight_info, dy.dtype) as w:  # a 4-bit W: dequantised again
-                dx = impl.backward_dx(k, dy2, w, g, lora_A, dropout_p, seed, deterministic, impl_name, bits)
-            dx = unflatten(dx, x.shape[:-1], K)
+        state = (weight_absmax, weight_absmax2, weight_code2, weight_offset)
+        dx2, da, db = backward_kernels(_2d(dy), None, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p,
+                                       deterministic, need_x, need_A, need_B, impl_name, state,
+                                       weight_info)  # fmt: skip
+        dx = unflatten(dx2, x.shape[:-1], x.shape[-1]) if need_x else dx
         dA = da.to(lora_A.dtype) if need_A else dA
         dB = db.to(lora_B.dtype) if need_B else dB
     return dx, dA, dB
+
+
+def backward_kernels(dy2, dy_dx, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, deterministic, need_x,
+                     need_A, need_B, impl_name, state=(None,) * 4, weight_info=None, dora=None):  # fmt: skip
+    """(dX [M, K], dA, dB unrounded, fp32) on the kernels: the grad pass over dy2 [M, N] and x, then the dX
+    GEMM over `dy_dx` (dy2 when None). DoRA (fused_lora/dora_function.py) hands the grad pass dY with B
+    scaled by m/n and `dora` (kernels.lora_grad: the pass also writes dz = dY ⊙ m/n into `dy_dx`, which
+    the dX GEMM then reads, and dm's column sums). Entries not needed are None."""
+    k = _k()
+    x2 = _2d(x)
+    # dX's epilogue reads the mask packed (1 bit per element), stored by the dA pass as it regenerates it,
+    # instead of running Philox again: int32 [M, ⌈K/32⌉], alive until dX is written
+    bits = k.new_keep_bits(x2.shape[0], x.shape[-1], x.device) if need_x and dropout_p > 0.0 else None
+    g, da, db = k.lora_grad(dy2, lora_B, xa, x2, scaling=scaling, dropout_p=dropout_p, seed=seed,
+                            need_g=need_x, need_dA=need_A, need_dB=need_B, deterministic=deterministic,
+                            keep_bits_out=bits, dora=dora)  # fmt: skip
+    dx = None
+    if need_x:
+        dy_dx = dy2 if dy_dx is None else dy_dx
+        with base_weight.dense(weight, state, weight_info, dy2.dtype) as w:  # a 4-bit W: dequantised again
+            dx = impl.backward_dx(k, dy_dx, w, g, lora_A, dropout_p, seed, deterministic, impl_name, bits)
+    return dx, (da if need_A else None), (db if need_B else None)
 
 
 @lora_linear_bwd.register_fake

@@ -544,7 +544,8 @@ def test_column_scale_kernels_against_float64(dtype, bias):
 def test_dora_benchmark_providers():
     """fused-dora and peft-dora (opt-in) run forward + backward on the smoke cases and match the fp64 LoRA
     reference at p = 0 (the initial magnitude makes DoRA's y the LoRA layer's); at full size (meta) ours
-    keeps LoRA's tensors plus z, one [M, N] 16-bit tensor; the model puts PEFT's DoRA step above ours."""
+    keeps LoRA's tensors plus y, the output itself (one [M, N] 16-bit tensor, shared with a consumer that
+    saves it); the model puts PEFT's DoRA step above ours."""
     from fused_lora.bench import model, offline
     from fused_lora.bench.providers import Case
 

@@ -326,11 +326,18 @@ DORA_PROVIDERS = ("fused-dora", "peft-dora")
 
 
 def _fused_dora(M, K, N, r, e, ea, d):
-    """Ours: LoRA's passes, then W·Aᵀ for the norm (two fp32-output products with A's 16-bit halves: W read
-    twice) and the column scale's kernels (read z, write y; backward read dY and z, write dz)."""
+    """Ours (no bias: fused_lora/dora_function.py): LoRA's passes with m/n applied in the GEMM's epilogue
+    (an [N] read, M·N products) and W·Aᵀ for the norm (one fp32-output product with A's two 16-bit halves
+    stacked: W read once). Backward: LoRA's, its grad pass's dY loop also reading y (saved: the output
+    itself) and writing dz = dY·m/n for the dX GEMM, with dm's column sums; then the zero-magnitude
+    columns' kernel, which returns after reading the [N] scale when none is zero."""
     fwd, bwd = _fused(M, K, N, r, e, ea, d)
-    norm = Pass("norm: W·Aᵀ (A in two 16-bit halves)", 2 * 2 * N * K * r, 2 * e * N * K + 4 * 2 * N * r)
-    return [*fwd, norm, Pass("y = z·m/n", M * N, 2 * e * M * N)], [Pass("dz = dY·m/n, dm", 2 * M * N, 3 * e * M * N), *bwd]
+    gemm = fwd[-1]
+    fwd = [*fwd[:-1], Pass(gemm.name + " ⊙ m/n", gemm.flops + M * N, gemm.bytes + 4 * N)]
+    norm = Pass("norm: W·[A_hi; A_lo]ᵀ (W read once)", 2 * 2 * N * K * r, e * N * K + 4 * 2 * N * r)
+    grad = bwd[0]
+    grad = Pass(grad.name + ", y read, dz written (dm)", grad.flops + 2 * M * N, grad.bytes + 2 * e * M * N + 4 * N)
+    return [*fwd, norm], [grad, Pass("m_j = 0 columns (none)", 0, 4 * N), *bwd[1:]]
 
 
 def _peft_dora(M, K, N, r, e, ea, d):

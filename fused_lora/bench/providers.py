@@ -446,7 +446,7 @@ PROVIDER_CLASSES |= {p.name: p for p in (QLoRA, PeftQLoRA, Dequant)}
 
 
 class FusedDoRA(Fused):
-    name, impl = "fused-dora", "fused_lora LoRALinear(use_dora=True): fused GEMM, factored norm, column-scale kernels"
+    name, impl = "fused-dora", "fused_lora LoRALinear(use_dora=True): m/n in the fused GEMM's epilogue, factored norm"
 
     def build(self, case, w):
         layer = fused_lora.LoRALinear(case.K, case.N, r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout,

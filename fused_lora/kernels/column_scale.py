@@ -3,6 +3,13 @@
     forward   y [M, N] = z ⊙ c[None, :] + bias           one read of z, one write of y
     backward  dz = dY ⊙ c,  dc = Σ_m dY ⊙ z,  dbias = Σ_m dY   one read of dY and z, one write of dz
 
+When the scale rides in the GEMM's epilogue (fused_lora/dora_function.py: no bias, y = z ⊙ c saved
+instead of z) the backward pass runs on y: Σ_m dY ⊙ y = c ⊙ dc, divided by c per column afterwards.
+Where c_j = 0 that column of y is zero and says nothing about z: :func:`dead_column_sums` recomputes
+Σ_m dY_mj·z_mj there from x, W, xa and B (z = x·Wᵀ + xa·Bᵀ, fp32 accumulation). It is always launched
+(no value is read back to the host), and a program whose block of columns has no zero scale returns
+after reading those BLOCK_N scales: the work is x·W_jᵀ for the dead columns' blocks only.
+
 c [N] and bias [N] are fp32 or z's dtype; the products and sums are fp32 and each output is rounded
 once. The column sums are written per row band ([cdiv(M, BLOCK_M), N] fp32 partials) and summed by the
 caller in a fixed order, so the result does not depend on scheduling. torch's own ops for the same
@@ -74,3 +81,72 @@ def scale_bwd(dy: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch
                dz.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)  # fmt: skip
     sums = parts.sum(1)
     return dz, sums[0], sums[1]
+
+
+@triton.jit
+def _dead_columns_kernel(x_ptr, w_ptr, xa_ptr, b_ptr, dy_ptr, c_ptr, out_ptr, M, N, K, R, rows_per,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_bn, stride_br, stride_dym,
+                         MAIN_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, R_CHUNK: tl.constexpr):  # fmt: skip
+    """out[split, j] = Σ_{m in this split's rows} dY_mj · (x_m·W_jᵀ + xa_m·B_jᵀ) for the columns j of this
+    program's block with c_j = 0 (0 elsewhere); nothing but the scales is read when the block has none."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.load(c_ptr + cols, mask=cols < N, other=1.0)
+    dead = (c == 0.0) & (cols < N)
+    if tl.max(dead.to(tl.int32), axis=0) > 0:
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, R_CHUNK)
+        c64 = cols.to(tl.int64)
+        for m0 in range(split * rows_per, tl.minimum(split * rows_per + rows_per, M), BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            r64 = rows.to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                xt = tl.load(x_ptr + r64[:, None] * stride_xm + kk[None, :] * stride_xk,
+                             mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)  # fmt: skip
+                wt = tl.load(w_ptr + c64[None, :] * stride_wn + kk[:, None] * stride_wk,
+                             mask=dead[None, :] & (kk[:, None] < K), other=0.0)  # fmt: skip
+                acc = tl.dot(xt, wt, acc, input_precision=MAIN_PRECISION)
+            for r0 in range(0, R, R_CHUNK):
+                rr = r0 + offs_r
+                lt = tl.load(xa_ptr + r64[:, None] * stride_xam + rr[None, :],
+                             mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)  # fmt: skip
+                bt = tl.load(b_ptr + c64[None, :] * stride_bn + rr[:, None] * stride_br,
+                             mask=dead[None, :] & (rr[:, None] < R), other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(lt, bt, acc, input_precision="ieee")
+            dy = tl.load(dy_ptr + r64[:, None] * stride_dym + cols[None, :], mask=(rows[:, None] < M) & dead[None, :],
+                         other=0.0).to(tl.float32)  # fmt: skip
+            part += tl.sum(dy * acc, axis=0)
+        tl.store(out_ptr + split * N + cols, part, mask=cols < N)
+
+
+DEAD_BLOCK_M, DEAD_BLOCK_N, DEAD_BLOCK_K = (16, 16, 16) if interpreting() else (64, 32, 32)
+DEAD_STAGES = 2
+DEAD_SPLITS = 8  # row splits: 8 · ⌈N / 32⌉ programs, each returning at once where its columns' scales are all nonzero
+
+
+def dead_column_sums(dy: torch.Tensor, c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor,
+                     lora_B: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """fp32 [N]: Σ_m dY_mj · z_mj with z = x·Wᵀ + xa·Bᵀ for the columns where c_j == 0, 0 elsewhere.
+
+    dy [M, N] (unit last stride), x [M, K], weight [N, K] and lora_B [N, r] any strides, xa [M, r] fp32
+    (unit last stride), c [N] fp32 contiguous. The partial sums per row split are added in a fixed order."""
+    from .precision import main_precision
+
+    M, N = dy.shape
+    K, R = x.shape[1], xa.shape[1]
+    splits = max(1, min(DEAD_SPLITS, triton.cdiv(M, DEAD_BLOCK_M)))
+    parts = torch.zeros((splits, N), dtype=torch.float32, device=dy.device)
+    if M and N and dy.device.type != "meta":
+        rows_per = triton.cdiv(triton.cdiv(M, splits), DEAD_BLOCK_M) * DEAD_BLOCK_M
+        grid = (triton.cdiv(N, DEAD_BLOCK_N), splits)
+        launch(_dead_columns_kernel, grid, x, weight, xa, lora_B, dy, c, parts, M, N, K, R, rows_per,
+               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), lora_B.stride(0),
+               lora_B.stride(1), dy.stride(0),
+               MAIN_PRECISION=main_precision(x.dtype), BLOCK_M=DEAD_BLOCK_M, BLOCK_N=DEAD_BLOCK_N,
+               BLOCK_K=DEAD_BLOCK_K, R_CHUNK=16, num_warps=4, num_stages=DEAD_STAGES)  # fmt: skip
+    return parts.sum(0)

@@ -244,7 +244,21 @@ def grad_r_block(r_pad: int, elem_bytes: int) -> int:
     return min(r_pad, 64 if elem_bytes == 2 else 32)
 
 
-def keep_grad(c: GradConfig, elem_bytes: int, r_block: int, arch: int) -> bool:
+# DoRA's dY loop (kernels.lora_grad COL_SCALE: y read, dz written) needs more registers: at their LoRA
+# caps these spilled with fp32 adapters (16-bit activations, sm_80: 244 B at r <= 32, 48 B / 64 B at
+# r <= 64, 24 B at r <= 32, 16 B at r <= 64 under triton 3.8; sm_90a under 3.8: 220 B at r <= 16; fp32 activations:
+# 24-152 B), so DoRA's pass takes them only up to these ranks (16-bit, fp32 activations; 0: never),
+# measured without spills under triton 3.6 and 3.8 (compile_check's DoRA rows).
+GRAD_DORA_CAP = {
+    (64, 64, 4, 3): (16, 16), (64, 64, 8, 3): (16, 0), (32, 128, 4, 3): (0, 0), (16, 64, 4, 2): (32, 16),
+    (16, 64, 8, 2): (32, 32),
+}  # fmt: skip
+
+
+def keep_grad(c: GradConfig, elem_bytes: int, r_block: int, arch: int, dora: bool = False) -> bool:
+    caps = GRAD_DORA_CAP.get(tuple(c[:4])) if dora else None
+    if caps is not None and r_block > caps[0 if elem_bytes == 2 else 1]:
+        return False
     return _keep_stream(c, elem_bytes, r_block, arch)
 
 
@@ -269,7 +283,7 @@ def admitted(table: list, keep, *args) -> list:
 
 
 def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: bool = False, tma: bool = False,
-                        pipelined: bool = False):
+                        pipelined: bool = False, dora: bool = False):
     """The entry deterministic mode (``torch.use_deterministic_algorithms``) launches, fixed so that the
     summation order never depends on what was timed: for the GEMM, the first admitted entry; for the
     shrink, one without a K split (no atomics); for grad, the admitted one with the tallest row band
@@ -281,7 +295,7 @@ def deterministic_entry(kind: str, elem_bytes: int, r: int, arch: int, dropout: 
         table = [c for c in shrink_table() if c.SPLIT_K == 1]
         return admitted(table, keep_shrink, elem_bytes, r, arch)[0]
     table = sorted(grad_table(), key=lambda c: -c.BLOCK_M)
-    return admitted(table, keep_grad, elem_bytes, r, arch)[0]
+    return admitted(table, keep_grad, elem_bytes, r, arch, dora)[0]
 
 
 def name(c) -> str:

@@ -74,18 +74,19 @@ def add_low_rank(acc, l_src, r_src, off_m, off_n, M, N, r_lo, r_hi, stride_lm, s
 
 # fmt: off
 @triton.jit
-def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words,
-                 M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
-                 WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
-                 TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
-                 DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
+              stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, WIDTH: tl.constexpr, BLOCK_M:
+              tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr, TMA: tl.constexpr, R_NR: tl.constexpr,
+              LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              COL_SCALE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     # fmt: on
     """One output slice [BLOCK_M, WIDTH] at (off_m, off_n): with DROPOUT add the masked low-rank
     product (the mask of element (m, n) is x's mask at (m, k = n): this is dX), add the bias, store.
     With one unrolled rank slice (TMA, R_SLICES = 1) `lt` is the tile's L, loaded once for all slices.
     The mask is read from x's packed keep bits (`bits_ptr`, `bits_words` per row: fused_lora/kernels/dropout.py),
     1 bit per element, stored by the dA pass that regenerated it (Philox here cost 35 % of the main loop's
-    instructions at 128x256; the bits 14 %)."""
+    instructions at 128x256; the bits 14 %). COL_SCALE (DoRA's m/n): the slice times `scale_ptr`'s [N] fp32
+    column scale, before the bias."""
     if DROPOUT and TMA and R_SLICES == 1:
         low = lora_dot(lt, r_tile(r_src, 0, off_n, R_NR), tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32), LORA_MODE,
                        LORA_DTYPE)  # fmt: skip
@@ -98,6 +99,8 @@ def finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr,
         keep = load_keep_bits(bits_ptr, off_m + tl.arange(0, BLOCK_M), off_n, M, bits_words, BLOCK_M, WIDTH)
         acc = acc + low * keep.to(tl.float32)  # a product, as torch's dropout backward: NaN stays NaN
     offs_n = off_n + tl.arange(0, WIDTH)
+    if COL_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = acc.to(OUT_DTYPE)
@@ -139,14 +142,16 @@ def halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 # fmt: off
 @triton.jit
-def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, groups_ptr, group_n,
-                M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, groups_ptr,
+                group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, R_CHUNK: tl.constexpr,
                 R_SLICES: tl.constexpr, TMA: tl.constexpr, R_NR: tl.constexpr, LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
-                DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, COL_SCALE: tl.constexpr,
+                OUT_DTYPE: tl.constexpr):
     # fmt: on
     """The whole epilogue of one [BLOCK_M, BLOCK_N] tile: the low-rank term (in the accumulator without
-    dropout; per slice with it), bias, and the store in SUBTILES slices (1, 2 or 4).
+    dropout; per slice with it), the column scale (COL_SCALE: DoRA), bias, and the store in SUBTILES
+    slices (1, 2 or 4).
 
     HAS_GROUPS (MergedLinear, fused q/k/v): output columns come in groups of `group_n`; group q uses rank
     columns groups[q] .. groups[q + 1] of L (none for a disabled group) and R is zero outside them, so the
@@ -166,31 +171,31 @@ def finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits
     else:
         lt = 0
     if SUBTILES == 1:
-        finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
-                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(acc, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
     elif SUBTILES == 2:
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
-        finish_slice(a0, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
-                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a1, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
-                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a0, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
+        finish_slice(a1, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
     else:
         tl.static_assert(SUBTILES == 4, "SUBTILES must be 1, 2 or 4")
         a0, a1 = halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = halves(a1, BLOCK_M, BLOCK_N // 2)
-        finish_slice(a00, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
-                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a01, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R, stride_lm,
-                     stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
-                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a10, lt, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R,
-                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
-                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
-        finish_slice(a11, lt, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, M, N, R,
-                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
-                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, OUT_DTYPE)
+        finish_slice(a00, lt, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
+        finish_slice(a01, lt, off_m, off_n + W, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M, R_CHUNK,
+                     R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
+        finish_slice(a10, lt, off_m, off_n + 2 * W, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M,
+                     N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
+                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)
+        finish_slice(a11, lt, off_m, off_n + 3 * W, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, M,
+                     N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias, W, BLOCK_M,
+                     R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS, COL_SCALE, OUT_DTYPE)

@@ -1,9 +1,10 @@
 """The fused GEMM: a base matrix product with the low-rank term (and bias) added in its epilogue.
 
-    out [M, N] = P [M, K] · Q [K, N]  +  mask ⊙ (L [M, r] · R [r, N])  +  bias [N]
+    out [M, N] = (P [M, K] · Q [K, N]  +  mask ⊙ (L [M, r] · R [r, N])) ⊙ c [N]  +  bias [N]
 
 Forward (y):   P = x,  Q = Wᵀ,  L = s·drop(x)·Aᵀ (xa, fp32),    R = Bᵀ,  no mask,    bias
 Backward (dX): P = dY, Q = W,   L = s/(1-p)·dY·B (g, fp32),     R = A,   mask of x,  no bias
+c, an optional fp32 column scale, is DoRA's m/n (fused_lora/dora_function.py); without it c = 1.
 
 Persistent: about one program per SM walks the output tiles in grouped order (GROUP_M row-blocks share
 their column tiles while those are in L2), so descriptors are made once per program. On the Hopper path
@@ -57,7 +58,7 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 @triton.jit(do_not_specialize=["M", "bits_words"])
 def _lora_gemm_kernel(
     # pointers
-    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, bits_ptr,
+    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, out_ptr, bits_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -67,7 +68,7 @@ def _lora_gemm_kernel(
     # columns per group, rank-column bounds per group
     bits_words, group_n, groups_ptr,
     # meta-parameters: variant
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HAS_GROUPS: tl.constexpr, COL_SCALE: tl.constexpr,
     LORA_MODE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, TMA: tl.constexpr, Q_NK: tl.constexpr, R_NR: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, R_CHUNK: tl.constexpr, R_SLICES: tl.constexpr,
@@ -115,10 +116,10 @@ def _lora_gemm_kernel(
                 acc = tl.dot(a, b, acc, input_precision=MAIN_PRECISION)
                 p_ptrs += BLOCK_K * stride_pk
                 q_ptrs += BLOCK_K * stride_qk
-        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, bits_ptr, bits_words, groups_ptr, group_n,
-                    M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
+        finish_tile(acc, off_m, off_n, o_dst, l_src, r_src, bias_ptr, scale_ptr, bits_ptr, bits_words, groups_ptr,
+                    group_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on, stride_bias,
                     BLOCK_M, BLOCK_N, SUBTILES, R_CHUNK, R_SLICES, TMA, R_NR, LORA_MODE, LORA_DTYPE, DROPOUT, HAS_BIAS,
-                    HAS_GROUPS, out_ptr.dtype.element_ty)  # fmt: skip
+                    HAS_GROUPS, COL_SCALE, out_ptr.dtype.element_ty)  # fmt: skip
 
 
 def tma_path(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> bool:
@@ -155,8 +156,9 @@ def lora_gemm(
     deterministic: bool = False,
     lora_dtype: torch.dtype | None = None,
     groups: tuple[int, torch.Tensor] | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out [M, N] = p·q + mask⊙(l·r) + bias, in one persistent kernel.
+    """out [M, N] = (p·q + mask⊙(l·r)) ⊙ col_scale + bias, in one persistent kernel.
 
     p [M, K] and q [K, N] share a dtype (fp32/fp16/bf16) and set the output's; l [M, r] is fp32 (scaled
     already); r [r, N] is fp32 or p's dtype; bias [N] optional. dropout_p > 0 applies the mask of an x
@@ -169,6 +171,7 @@ def lora_gemm(
     kernel skips the rank slices a tile's groups do not use, which is only right when it is).
     The epilogue reads the mask packed, 1 bit per element (fused_lora/kernels/dropout.py): `keep_bits`
     (int32 [M, ⌈N/32⌉], the dA pass stores it in training), or drawn from `seed` by a small kernel first.
+    `col_scale`: fp32 [N] (contiguous) multiplying each output column before the bias (DoRA's m/n).
     """
     M, K = p.shape
     N = q.shape[1]
@@ -193,15 +196,16 @@ def lora_gemm(
     arch, e = device_arch(p), p.element_size()
     mode, mode_dtype = lora_mode(p.dtype, lora_dtype, kept=False)
     variant = dict(
-        HAS_BIAS=bias is not None, DROPOUT=dropout, HAS_GROUPS=groups is not None, LORA_MODE=mode,
-        LORA_DTYPE=mode_dtype,
+        HAS_BIAS=bias is not None, DROPOUT=dropout, HAS_GROUPS=groups is not None, COL_SCALE=col_scale is not None,
+        LORA_MODE=mode, LORA_DTYPE=mode_dtype,
         MAIN_PRECISION=main_precision(p.dtype), TMA=tma, Q_NK=q_nk, R_NR=r_nr,
         NUM_PROGRAMS=num_programs(p.device), R_CHUNK=R_CHUNK,
         R_SLICES=rank_slices(rank_pad(R), tma, groups is not None, mode, dropout),
     )  # fmt: skip
     pipelined = variant["R_SLICES"] > 0  # one loop across tiles (Hopper): its own shared-memory budget
     args = (
-        p, q, l, r, bias if bias is not None else out, out, bits if dropout else out,
+        p, q, l, r, bias if bias is not None else out, col_scale if col_scale is not None else out, out,
+        bits if dropout else out,
         M, N, K, R,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
@@ -220,7 +224,7 @@ def lora_gemm(
         return run(deterministic_entry("gemm", e, R, arch, dropout, tma, pipelined))
     configs = {config_name(c): c for c in admitted(gemm_table(), keep_gemm, e, dropout, arch, tma, 4, pipelined)}
     key = (str(p.dtype), str(lora_dtype), bucket(M), N, K, rank_pad(R), dropout, bias is not None, tma, q_nk)
-    key += (groups is not None,)
+    key += (groups is not None,) + (("col_scale",) if col_scale is not None else ())
     chosen = tuning.table("gemm").pick(key, list(configs), lambda n: (lambda: run(configs[n])), p.device)
     return run(configs[chosen])
 

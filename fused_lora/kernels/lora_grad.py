@@ -67,6 +67,9 @@ def _lora_grad_kernel(
     n_chunk, k_chunk, stride_gs,
     # STORE_BITS: words per row of the packed keep bits (fused_lora/kernels/dropout.py)
     bits_words,
+    # COL_SCALE (DoRA): the column scale c [N] fp32, the saved output y and dz = dY ⊙ c [M, N] (unit column
+    # strides), Σ_m dY·y per band [bands, N] fp32
+    c_ptr, y_ptr, dz_ptr, ds_ptr, stride_ym, stride_dzm,
     # meta-parameters
     R_BLOCK: tl.constexpr, STORE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DA: tl.constexpr,
     DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, G_MODE: tl.constexpr, G_DTYPE: tl.constexpr,
@@ -74,6 +77,8 @@ def _lora_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PHASE: tl.constexpr = 0,  # 0: both passes; 1: the dY pass over one N chunk; 2: the x pass over one K chunk
     STORE_BITS: tl.constexpr = False,  # with DROPOUT: the x pass also stores the mask, packed (dX reads it)
+    COL_SCALE: tl.constexpr = False,  # DoRA: the dY pass also writes dz = dY ⊙ c and Σ_m dY·y (rank block 0)
+    STORE_DZ: tl.constexpr = False,  # with COL_SCALE: dz is needed (dX, a trainable W)
 ):
     # fmt: on
     pid = tl.program_id(0)
@@ -122,6 +127,16 @@ def _lora_grad_kernel(
                 other=0.0,
             )
             g = lora_dot(dy, b, g, G_MODE, G_DTYPE)
+            if COL_SCALE:  # b is c ⊙ B already (g = dz·B); here dz for dX and dm's column sums, one writer
+                first = tl.program_id(1) == 0
+                dyf = dy.to(tl.float32)
+                if STORE_DZ:
+                    cv = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0)
+                    tl.store(dz_ptr + rows64[:, None] * stride_dzm + offs_n[None, :], (dyf * cv[None, :]).to(dy.dtype),
+                             mask=row_ok[:, None] & col_ok[None, :] & first)  # fmt: skip
+                yv = tl.load(y_ptr + rows64[:, None] * stride_ym + offs_n[None, :],
+                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                tl.store(ds_ptr + pid * N + offs_n, tl.sum(dyf * yv.to(tl.float32), axis=0), mask=col_ok & first)
             if COMPUTE_DB:
                 part = lora_dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), D_MODE, D_DTYPE)
                 db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
@@ -184,6 +199,7 @@ def lora_grad(
     need_dB: bool = True,
     deterministic: bool = False,
     keep_bits_out: torch.Tensor | None = None,
+    dora: tuple | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(g [M, r], dA [r, K], dB [N, r]), all fp32, each None when not asked for.
 
@@ -192,6 +208,9 @@ def lora_grad(
     `keep_bits_out` (int32 [M, ⌈K/32⌉], contiguous; with dropout): filled with the mask, packed
     (fused_lora/kernels/dropout.py) — by the dA pass as it goes, or by its own small kernel when dA is not
     asked for or the configuration's tiles are narrower than 32 columns.
+    `dora` = (c [N] fp32 contiguous, y [M, N], dz [M, N] or None, sums [N] fp32): DoRA's backward
+    (fused_lora/dora_function.py) — lora_B is then c ⊙ B; the dY pass also fills dz = dY ⊙ c (when given)
+    and sums = Σ_m dY·y, per band, added in a fixed order (y and dz with unit column strides).
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -199,6 +218,8 @@ def lora_grad(
     check_interpretable(dy, lora_B, x)
     dev = dy.device
     if M == 0:
+        if dora is not None:
+            dora[3].zero_()
         zeros = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)
         return (zeros(0, R) if need_g else None, zeros(R, K) if need_dA else None, zeros(N, R) if need_dB else None)
 
@@ -211,7 +232,11 @@ def lora_grad(
     variant = dict(
         R_BLOCK=r_block, STORE_G=need_g, COMPUTE_DB=need_dB, COMPUTE_DA=need_dA, DROPOUT=dropout,
         DETERMINISTIC=deterministic, G_MODE=g_mode, G_DTYPE=g_dtype, D_MODE=d_mode, D_DTYPE=d_dtype,
+        COL_SCALE=dora is not None, STORE_DZ=dora is not None and dora[2] is not None,
     )  # fmt: skip
+    if dora is not None:
+        col, y, dz, sums = dora
+        dz = y if dz is None else dz
 
     def run(c: GradConfig, splits: int = 1):
         bands, rblocks = triton.cdiv(M, c.BLOCK_M), triton.cdiv(R, r_block)
@@ -222,6 +247,8 @@ def lora_grad(
         else:  # atomics into zeroed buffers owned by this call (separate: returned tensors never alias)
             db = torch.zeros((1, N, R) if need_dB else (1, 1, 1), dtype=torch.float32, device=dev)
             da = torch.zeros((1, R, K) if need_dA else (1, 1, 1), dtype=torch.float32, device=dev)
+
+        ds = torch.empty((bands, N) if dora is not None else (1, 1), dtype=torch.float32, device=dev)
 
         def go(grid, g, phase, n_chunk=0, k_chunk=0, stride_gs=0, **meta):
             # fmt: off
@@ -235,6 +262,7 @@ def lora_grad(
                 da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
                 float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p), n_chunk, k_chunk, stride_gs,
                 bits.shape[1] if store_bits else 0,
+                *((col, y, dz, ds, y.stride(0), dz.stride(0)) if dora is not None else (xa, xa, xa, ds, 0, 0)),
                 **{**variant, "STORE_BITS": store_bits, **meta}, PHASE=phase, **config_kwargs(c),
             )
             # fmt: on
@@ -258,6 +286,8 @@ def lora_grad(
                 go((bands, rblocks, k_splits), g, 2, 0, k_chunk, STORE_G=False, COMPUTE_DB=False)
         if bits is not None and not store_bits:  # no dA pass, or tiles too narrow to pack: the small kernel
             keep_bits(seed, M, K, dropout_p, out=bits)
+        if dora is not None:
+            torch.sum(ds, 0, out=sums)  # the bands' column sums, in a fixed order
         reduce = (lambda t: t.sum(0)) if deterministic else (lambda t: t[0])
         return (g if need_g else None, reduce(da) if need_dA else None, reduce(db) if need_dB else None)
 
@@ -267,12 +297,12 @@ def lora_grad(
 
     forced = tuning.forced("grad")  # a split the heuristic would not pick, asked for by name (tests)
     if deterministic:  # the fixed entry and the shape's split: no choice depends on timing
-        c = deterministic_entry("grad", e, r_block, arch)
+        c = deterministic_entry("grad", e, r_block, arch, dora=dora is not None)
         splits = grad_splits(triton.cdiv(M, c.BLOCK_M) * triton.cdiv(R, r_block), N, K, c.BLOCK_N, dev)
         if forced is not None and forced.partition(" split")[0] == config_name(c) and " split" in forced:
             splits = int(forced.partition(" split")[2])
         return run(c, splits)
-    configs = {config_name(c): c for c in admitted(grad_table(), keep_grad, e, r_block, arch)}
+    configs = {config_name(c): c for c in admitted(grad_table(), keep_grad, e, r_block, arch, dora is not None)}
     names = []
     for n, c in configs.items():
         splits = grad_splits(triton.cdiv(M, c.BLOCK_M) * triton.cdiv(R, r_block), N, K, c.BLOCK_N, dev)
@@ -280,7 +310,7 @@ def lora_grad(
     if forced is not None and forced not in names and forced.partition(" split")[0] in configs:
         names.append(forced)
     key = (str(dy.dtype), str(lora_B.dtype), bucket(M), N, K, r_block, need_g, need_dA, need_dB, dropout)
-    key += (bits is not None,)
+    key += (bits is not None,) + (("dora", dora[2] is not None) if dora is not None else ())
     chosen = tuning.table("grad").pick(key, names, runner, dev)
     return runner(chosen)()
 
