@@ -322,7 +322,7 @@ def decoder_flops(provider: str, mode: str, d: DecoderDims, r: int) -> float:
 # --providers fused-dora,peft-dora (fused_lora/bench/providers.py). docs/design.md section 14.
 # ======================================================================================================
 
-DORA_PROVIDERS = ("fused-dora", "peft-dora")
+DORA_PROVIDERS = ("fused-dora", "peft-dora", "peft-dora-compile")
 
 
 def _fused_dora(M, K, N, r, e, ea, d):
@@ -357,4 +357,29 @@ def _peft_dora(M, K, N, r, e, ea, d):
     return [*eye, *norm, *fwd, *extra_fwd, *scale], [*back, *bwd, *extra_bwd]
 
 
-_PASSES |= {"fused-dora": _fused_dora, "peft-dora": _peft_dora}
+def _peft_dora_compiled(M, K, N, r, e, ea, d):
+    """PEFT's DoraLinearLayer under torch.compile (inductor), a model of what it fuses: the GEMMs stay
+    extern (cuBLAS), and each chain of elementwise ops and reductions between them is one pass reading
+    its inputs once and writing what a later GEMM or the backward needs. Forward: x·Wᵀ; x cast (and
+    dropped) once for the low-rank GEMMs; the eye-product B·A as PEFT builds it; W + s·B·A and its row norm
+    in one pass; one pass forming the output from base and the low-rank term; with dropout the second
+    base GEMM on the dropped x. Backward: one pass reading dY, base and the term and writing both their
+    gradients (dm's sums with it), the GEMMs, one pass casting dx_d back and adding it to dX."""
+    c = ea
+    cast = Pass("x cast / dropped, mask (fused)", M * K, (e + c) * M * K + (M * K if d else 0))
+    fwd = [_gemm("x·Wᵀ", M, N, K, e), cast, _gemm("x_d·Aᵀ", M, r, K, c), _gemm("xa·Bᵀ", M, N, r, c),
+           Pass("eye(in)", 0, c * K * K), _gemm("lora_A(eye)", K, r, K, c), _gemm("lora_B(·)", K, N, r, c),
+           Pass("‖W + s·B·A‖ (fused)", 3 * N * K, (e + c) * N * K),
+           Pass("y = base·m/n + (m/n)·s·lora (fused)", 3 * M * N, (2 * e + c) * M * N)]  # fmt: skip
+    if d:
+        fwd.append(_gemm("x_d·Wᵀ (dropout)", M, N, K, e))
+    bwd = [Pass("d(base), d(lora), dm (fused)", 5 * M * N, (3 * e + 2 * c) * M * N),
+           _gemm("dX = d(base)·W", M, K, N, e), _gemm("dB = dtᵀ·xa", N, r, M, c), _gemm("dxa = dt·B", M, r, N, c), _gemm("dA = dxaᵀ·x_d", r, K, M, c),
+           _gemm("dx_d = dxa·A", M, K, r, c),
+           Pass("dX += dx_d (cast, mask; fused)", 2 * M * K, (2 * e + c) * M * K)]  # fmt: skip
+    if d:
+        bwd.append(_gemm("dX += d(x_d)·W (dropout)", M, K, N, e))
+    return fwd, bwd
+
+
+_PASSES |= {"fused-dora": _fused_dora, "peft-dora": _peft_dora, "peft-dora-compile": _peft_dora_compiled}

@@ -486,4 +486,15 @@ class PeftDoRA(Provider):
         return layer.train()
 
 
-PROVIDER_CLASSES |= {p.name: p for p in (FusedDoRA, PeftDoRA)}
+class PeftDoRACompiled(PeftDoRA):
+    """PEFT's DoRA layer under ``torch.compile`` (inductor, static shapes), the other way users speed it up."""
+
+    name = "peft-dora-compile"
+
+    def build(self, case, w):
+        layer = super().build(case, w)
+        self.impl += " under torch.compile"
+        return torch.compile(layer, dynamic=False)
+
+
+PROVIDER_CLASSES |= {p.name: p for p in (FusedDoRA, PeftDoRA, PeftDoRACompiled)}
