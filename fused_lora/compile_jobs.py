@@ -429,9 +429,9 @@ def dora_epilogue_jobs(sizes: dict) -> list[Job]:
             jobs.append(dataclasses.replace(job, variant="DoRA dz + Σ dY·y, " + job.variant))
     M, N, K = sizes["M"], sizes["N"], sizes["K"]
     for dt in ("bf16", "fp32"):
-        args = dict(x_ptr="*" + dt, w_ptr="*" + dt, xa_ptr="*fp32", b_ptr="*fp32", dy_ptr="*" + dt, c_ptr="*fp32",
+        args = dict(x_ptr="*" + dt, w_ptr="*" + dt, xa_ptr="*fp32", b_ptr="*fp32", dy_ptr="*" + dt, flag_ptr="*i8",
                     out_ptr="*fp32", M=M, N=N, K=K, R=16, rows_per="i32", stride_xm=K, stride_xk=1, stride_wn=K,
-                    stride_wk=1, stride_xam=16, stride_bn=16, stride_br=1, stride_dym=N)  # fmt: skip
+                    stride_wk=1, stride_xam=16, stride_bn=16, stride_br=1, stride_dym=N, stride_dyn=1)  # fmt: skip
         meta = dict(MAIN_PRECISION="tf32x3" if dt == "fp32" else "tf32", BLOCK_M=cs.DEAD_BLOCK_M,
                     BLOCK_N=cs.DEAD_BLOCK_N, BLOCK_K=cs.DEAD_BLOCK_K, R_CHUNK=16)  # fmt: skip
         name = f"{cs.DEAD_BLOCK_M}x{cs.DEAD_BLOCK_N}x{cs.DEAD_BLOCK_K} w4 s{cs.DEAD_STAGES}"

@@ -95,7 +95,9 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_x or need_A or need_B:  # the grad pass also writes dz = dY ⊙ c and Σ_m dY·y
             dz = torch.empty_like(y2) if need_x or need_w else None
             s_y = torch.empty_like(c32)
-            b_scaled = (lora_B.float() * c32[:, None]).to(lora_B.dtype)  # g = s/(1-p)·dY·(c⊙B) = s/(1-p)·dz·B
+            # g = s/(1-p)·dY·(c⊙B) = s/(1-p)·dz·B; fp16 adapters: c⊙B in fp32 (in fp16 it could underflow)
+            b_dtype = torch.float32 if lora_B.dtype == torch.float16 else lora_B.dtype
+            b_scaled = (lora_B.float() * c32[:, None]).to(b_dtype)
             dx2, da, db = ops.backward_kernels(
                 dy2, dz, x, weight, lora_A, b_scaled, xa, seed, ctx.scaling, ctx.dropout_p, ctx.deterministic,
                 need_x, need_A, need_B, ctx.impl, dora=(c32, y2, dz, s_y),
@@ -106,9 +108,11 @@ class DoraLinearFunction(torch.autograd.Function):
         else:  # only m (or W) trains: the column-scale pass alone
             dz, s_y, _ = column_scale.scale_bwd(dy2.contiguous(), y2, c32)
         dc = None
-        if need_c:  # Σ dY·z = Σ dY·y / c where c ≠ 0; recomputed from x where c = 0 (y is zero there)
-            dead = column_scale.dead_column_sums(dy2, c32, x2, weight, xa, lora_B)
-            dc = torch.where(c32 == 0, dead, s_y / torch.where(c32 == 0, 1.0, c32)).to(c.dtype)
+        if need_c:  # Σ dY·z = Σ dY·y / c; recomputed from x where y does not give z back (c = 0, tiny, inf;
+            # y overflowed: Σ dY·y not finite)
+            lossy = column_scale.lossy_columns(c32, y.dtype) | ~torch.isfinite(s_y)
+            direct = column_scale.dead_column_sums(dy2, lossy, x2, weight, xa, lora_B)
+            dc = torch.where(lossy, direct, s_y / torch.where(lossy, 1.0, c32)).to(c.dtype)
         dw = (dz.t() @ x2).to(weight.dtype) if need_w else None
         return dx, dw, dA, dB, dc, None, None, None, None
 

@@ -83,8 +83,9 @@ def forward_gemm(k, x2, weight, xa, lora_B, bias, deterministic: bool, groups=No
             if _wide(x2.dtype):
                 base = mm_fp32(x2, weight.t())
                 return k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, base=base, col_scale=col_scale, x_dtype=x2.dtype)
+            # not in place: the tuner may run this candidate several times on the same inputs
             base = torch.mm(x2, weight.t())
-            return k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, base=base, col_scale=col_scale, out=base)
+            return k.low_rank(xa, lora_B.t(), out_dtype=x2.dtype, base=base, col_scale=col_scale)
         if _wide(x2.dtype):
             c = k.low_rank(xa, lora_B.t(), out_dtype=torch.float32, bias=bias, groups=groups, x_dtype=x2.dtype)
             return addmm_fp32(c, x2, weight.t()).to(x2.dtype)

@@ -11,6 +11,8 @@ reference, or for the unfused composition, fails); what is saved; double backwar
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -240,4 +242,71 @@ def test_bf16_epilogue_scale_on_the_gpu(shape, dtypes, p, impl):
     ref64 = _formula(x, w, a, b, m, n, s, p, dy, torch.float64, torch.float64, mask)
     same = _formula(x, w, a, b, m, n.float(), s, p, dy, dtype, lora_dtype, mask)
     for name, g, r64, t in zip(("y", "dX", "dA", "dB", "dm"), got, ref64, same):
+        assert_close_to_ref(name, g, r64, t)
+
+
+# ------------------------------------------------------------------- defects found by review (each failed before)
+
+
+@pytest.mark.parametrize("how", ["sum", "transposed"])
+def test_zero_magnitude_columns_with_a_strided_dy(how):
+    """dY as autograd hands it: y.sum() gives an expanded dY (strides 0, 0), a transposed loss a transposed
+    one; the zero-magnitude columns' recomputation read dY as if its columns were contiguous."""
+    s = 1.2
+    x, w, a, b, m, n, dy = _inputs(9, 24, 20, 3, s, dead=(4, 11), seed=1)
+    x = x[0]  # [9, 24]: dY keeps the loss's strides (a leading dim would make the reshape copy it)
+    weights = torch.randn(20, 9)
+    loss = (lambda y: y.sum()) if how == "sum" else (lambda y: (y.t() * weights).sum())
+    ms = m.clone().requires_grad_()
+    loss(dora.dora_linear(x, w, a, b, ms, s)).backward()
+    m64 = m.double().requires_grad_()
+    z = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), s, None, 0.0)
+    loss(z * (m64 / n)).backward()
+    torch.testing.assert_close(ms.grad.double(), m64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_hybrid_survives_the_tuner_timing_it(monkeypatch):
+    """The tuner times a candidate by running it several times on the real inputs; the hybrid's pass ran
+    in place on cuBLAS's output, so every run scaled the previous one's result again (y off by 10x)."""
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "measure", lambda fn: [fn() for _ in range(3)] and 1.0)
+    x, w, a, b, m, n, dy = _inputs(9, 24, 20, 3, 1.3, seed=2)
+    for name in ("low_rank", "gemm", "impl"):
+        monkeypatch.setattr(tuning.table(name), "_memory", {})
+    monkeypatch.setattr(tuning, "_disk", lambda: types.SimpleNamespace(get=lambda *a: None, put=lambda *a: None))
+    want = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), 1.3, None, 0.0) * (m.double() / n)
+    for impl in ("hybrid", "fused", "auto"):
+        with fused_lora.use_impl(impl):
+            y = dora.dora_linear(x, w, a, b, m, 1.3)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=lambda s: f"{impl}: {s}")
+
+
+def test_fp16_tiny_and_huge_scales_keep_dm():
+    """fp16 y = z ⊙ c underflows where c is tiny but not zero (c = 1e-8: y = 0; 1e-5: subnormal) and
+    overflows where c is huge (1e5: y = inf): m's gradient there is recomputed from x, not read from y."""
+    s = 1.3
+    x, w, a, b, m, n, dy = _inputs(9, 24, 20, 3, s, seed=3)
+    m = m.clone()
+    m[[2, 7]], m[4], m[5] = n[[2, 7]].float() * 1e-8, n[4].float() * 1e-5, n[5].float() * 1e5
+    got = _ours(x, w, a, b, m, s, 0.0, dy, torch.float16, torch.float32)
+    assert torch.isfinite(got[4]).all(), got[4]
+    ref64 = _formula(x.half(), w.half(), a, b, m, n, s, 0.0, dy.half(), torch.float64, torch.float64, None)
+    same = _formula(x.half(), w.half(), a, b, m, n.float(), s, 0.0, dy.half(), torch.float32, torch.float32, None)
+    assert_close_to_ref("dm", got[4], ref64[4], same[4], torch.float16)
+
+
+def test_fp16_adapters_small_scaled_rows_keep_their_digits():
+    """fp16 adapters, small B and c = 1e-3: c ⊙ B rounded to fp16 fell into its subnormals (dA off by 2 %);
+    it is kept in fp32."""
+    s = 1.0
+    x, w, a, b, m, n, dy = _inputs(9, 24, 20, 3, s, seed=4)
+    b = b * 3e-3
+    n = (w.half().double() + s * b.half().double() @ a.half().double()).norm(dim=1)
+    m = (n * 1e-3).float()
+    got = _ours(x, w, a, b, m, s, 0.0, dy, torch.float16, torch.float16)
+    ref64 = _formula(x.half(), w.half(), a.half(), b.half(), m, n, s, 0.0, dy.half(), torch.float64, torch.float64,
+                     None)  # fmt: skip
+    same = _formula(x.half(), w.half(), a.half(), b.half(), m, n.float(), s, 0.0, dy.half(), torch.float16,
+                    torch.float16, None)  # fmt: skip
+    for name, g, r64, t in zip(("dA", "dB"), got[2:4], ref64[2:4], same[2:4]):
         assert_close_to_ref(name, g, r64, t)

@@ -5,10 +5,11 @@
 
 When the scale rides in the GEMM's epilogue (fused_lora/dora_function.py: no bias, y = z ⊙ c saved
 instead of z) the backward pass runs on y: Σ_m dY ⊙ y = c ⊙ dc, divided by c per column afterwards.
-Where c_j = 0 that column of y is zero and says nothing about z: :func:`dead_column_sums` recomputes
+Where c_j = 0 that column of y is zero and says nothing about z (nor where |c_j| is so small that y
+underflows, or c_j is not finite: :func:`lossy_columns`): :func:`dead_column_sums` recomputes
 Σ_m dY_mj·z_mj there from x, W, xa and B (z = x·Wᵀ + xa·Bᵀ, fp32 accumulation). It is always launched
-(no value is read back to the host), and a program whose block of columns has no zero scale returns
-after reading those BLOCK_N scales: the work is x·W_jᵀ for the dead columns' blocks only.
+(no value is read back to the host), and a program whose block of columns has none flagged returns
+after reading those BLOCK_N flags: the work is x·W_jᵀ for the flagged columns' blocks only.
 
 c [N] and bias [N] are fp32 or z's dtype; the products and sums are fp32 and each output is rounded
 once. The column sums are written per row band ([cdiv(M, BLOCK_M), N] fp32 partials) and summed by the
@@ -84,17 +85,17 @@ def scale_bwd(dy: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch
 
 
 @triton.jit
-def _dead_columns_kernel(x_ptr, w_ptr, xa_ptr, b_ptr, dy_ptr, c_ptr, out_ptr, M, N, K, R, rows_per,
+def _dead_columns_kernel(x_ptr, w_ptr, xa_ptr, b_ptr, dy_ptr, flag_ptr, out_ptr, M, N, K, R, rows_per,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_bn, stride_br, stride_dym,
+                         stride_dyn,
                          MAIN_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, R_CHUNK: tl.constexpr):  # fmt: skip
     """out[split, j] = Σ_{m in this split's rows} dY_mj · (x_m·W_jᵀ + xa_m·B_jᵀ) for the columns j of this
-    program's block with c_j = 0 (0 elsewhere); nothing but the scales is read when the block has none."""
+    program's block whose flag is set (0 elsewhere); nothing but the flags is read when the block has none."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = tl.load(c_ptr + cols, mask=cols < N, other=1.0)
-    dead = (c == 0.0) & (cols < N)
+    dead = tl.load(flag_ptr + cols, mask=cols < N, other=0) != 0
     if tl.max(dead.to(tl.int32), axis=0) > 0:
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
@@ -118,23 +119,36 @@ def _dead_columns_kernel(x_ptr, w_ptr, xa_ptr, b_ptr, dy_ptr, c_ptr, out_ptr, M,
                 bt = tl.load(b_ptr + c64[None, :] * stride_bn + rr[:, None] * stride_br,
                              mask=dead[None, :] & (rr[:, None] < R), other=0.0).to(tl.float32)  # fmt: skip
                 acc = tl.dot(lt, bt, acc, input_precision="ieee")
-            dy = tl.load(dy_ptr + r64[:, None] * stride_dym + cols[None, :], mask=(rows[:, None] < M) & dead[None, :],
-                         other=0.0).to(tl.float32)  # fmt: skip
+            dy = tl.load(dy_ptr + r64[:, None] * stride_dym + c64[None, :] * stride_dyn,
+                         mask=(rows[:, None] < M) & dead[None, :], other=0.0).to(tl.float32)  # fmt: skip
             part += tl.sum(dy * acc, axis=0)
         tl.store(out_ptr + split * N + cols, part, mask=cols < N)
 
 
+# The smallest |c| from which y = z ⊙ c, rounded to y's dtype, still carries z: fp16's normal range ends at
+# 2⁻¹⁴, so with |c| ≥ 2⁻⁶ only |z| < 2⁻⁸ can fall into its subnormals (absolute error ≤ 2⁻²⁵ / |c| ≤ 2⁻¹⁹
+# on such a z); bf16 and fp32 keep fp32's exponent range.
+C_MIN = {torch.float16: 2.0**-6, torch.bfloat16: 2.0**-64, torch.float32: 2.0**-64}
+
+
+def lossy_columns(c: torch.Tensor, y_dtype: torch.dtype) -> torch.Tensor:
+    """bool [N]: the columns where y = z ⊙ c in `y_dtype` may not give z back (|c| below C_MIN, zero
+    included, or c not finite): their Σ dY·z is recomputed from x (:func:`dead_column_sums`)."""
+    return ~(c.abs() >= C_MIN[y_dtype]) | c.isinf()
+
+
 DEAD_BLOCK_M, DEAD_BLOCK_N, DEAD_BLOCK_K = (16, 16, 16) if interpreting() else (64, 32, 32)
 DEAD_STAGES = 2
-DEAD_SPLITS = 8  # row splits: 8 · ⌈N / 32⌉ programs, each returning at once where its columns' scales are all nonzero
+DEAD_SPLITS = 8  # row splits: 8 · ⌈N / 32⌉ programs, each returning at once where none of its columns is flagged
 
 
-def dead_column_sums(dy: torch.Tensor, c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor,
+def dead_column_sums(dy: torch.Tensor, flags: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor,
                      lora_B: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """fp32 [N]: Σ_m dY_mj · z_mj with z = x·Wᵀ + xa·Bᵀ for the columns where c_j == 0, 0 elsewhere.
+    """fp32 [N]: Σ_m dY_mj · z_mj with z = x·Wᵀ + xa·Bᵀ for the columns whose flag is set (`flags` [N],
+    bool, contiguous: :func:`lossy_columns`), 0 elsewhere.
 
-    dy [M, N] (unit last stride), x [M, K], weight [N, K] and lora_B [N, r] any strides, xa [M, r] fp32
-    (unit last stride), c [N] fp32 contiguous. The partial sums per row split are added in a fixed order."""
+    dy [M, N], x [M, K], weight [N, K] and lora_B [N, r] any strides, xa [M, r] fp32 (unit last stride).
+    The partial sums per row split are added in a fixed order."""
     from .precision import main_precision
 
     M, N = dy.shape
@@ -144,9 +158,9 @@ def dead_column_sums(dy: torch.Tensor, c: torch.Tensor, x: torch.Tensor, weight:
     if M and N and dy.device.type != "meta":
         rows_per = triton.cdiv(triton.cdiv(M, splits), DEAD_BLOCK_M) * DEAD_BLOCK_M
         grid = (triton.cdiv(N, DEAD_BLOCK_N), splits)
-        launch(_dead_columns_kernel, grid, x, weight, xa, lora_B, dy, c, parts, M, N, K, R, rows_per,
-               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), lora_B.stride(0),
-               lora_B.stride(1), dy.stride(0),
+        launch(_dead_columns_kernel, grid, x, weight, xa, lora_B, dy, flags.view(torch.int8), parts, M, N, K, R,
+               rows_per, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), lora_B.stride(0),
+               lora_B.stride(1), dy.stride(0), dy.stride(1),
                MAIN_PRECISION=main_precision(x.dtype), BLOCK_M=DEAD_BLOCK_M, BLOCK_N=DEAD_BLOCK_N,
                BLOCK_K=DEAD_BLOCK_K, R_CHUNK=16, num_warps=4, num_stages=DEAD_STAGES)  # fmt: skip
     return parts.sum(0)

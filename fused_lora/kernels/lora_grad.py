@@ -136,7 +136,8 @@ def _lora_grad_kernel(
                              mask=row_ok[:, None] & col_ok[None, :] & first)  # fmt: skip
                 yv = tl.load(y_ptr + rows64[:, None] * stride_ym + offs_n[None, :],
                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-                tl.store(ds_ptr + pid * N + offs_n, tl.sum(dyf * yv.to(tl.float32), axis=0), mask=col_ok & first)
+                ds_row = ds_ptr + pid.to(tl.int64) * N
+                tl.store(ds_row + offs_n, tl.sum(dyf * yv.to(tl.float32), axis=0), mask=col_ok & first)
             if COMPUTE_DB:
                 part = lora_dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32), D_MODE, D_DTYPE)
                 db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr

@@ -84,7 +84,6 @@ def low_rank(
     x_dtype: torch.dtype | None = None,
     base: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mask⊙(l·r) + bias as a new [M, N] tensor in `out_dtype`, for l [M, r] fp32 (scaled already) and
     r [r, N] (any strides); the mask is x's for an x of [M, N] under `seed` when dropout_p > 0; `groups` as
@@ -93,13 +92,12 @@ def low_rank(
     for an fp32-output addmm, in the mode the fused GEMM uses for those activations. `keep_bits`: the
     mask packed (else drawn from `seed` first), as for :func:`kernels.lora_gemm.lora_gemm`.
     `base` [M, N] (unit column stride, any float dtype): the term is added to it (DoRA's hybrid: cuBLAS's
-    x·Wᵀ); `col_scale` fp32 [N] (contiguous) multiplies the sum before the bias; `out` may be `base`
-    itself (each tile is read before it is written)."""
+    x·Wᵀ); `col_scale` fp32 [N] (contiguous) multiplies the sum before the bias. The output is always a
+    new tensor: the tuner runs a candidate several times on the same inputs."""
     M, R = l.shape
     N = r.shape[1]
     check_interpretable(r)
-    if out is None:
-        out = torch.empty((M, N), dtype=out_dtype, device=l.device)
+    out = torch.empty((M, N), dtype=out_dtype, device=l.device)
     if M == 0 or N == 0:
         return out
     dropout = dropout_p > 0.0
