@@ -310,3 +310,21 @@ def test_fp16_adapters_small_scaled_rows_keep_their_digits():
                     torch.float16, None)  # fmt: skip
     for name, g, r64, t in zip(("dA", "dB"), got[2:4], ref64[2:4], same[2:4]):
         assert_close_to_ref(name, g, r64, t)
+
+
+@pytest.mark.parametrize("impl", ["fused", "hybrid"])
+def test_a_training_step_reads_nothing_back_to_the_host(impl):
+    """CUDA-graph safe: forward and backward (dropout, a zero magnitude, the factored norm and its guard)
+    make no host sync — item(), tolist(), nonzero, a bool-mask index — seen on CPU tensors too."""
+    from helpers import host_syncs
+
+    x, w, a, b, m, n, dy = _inputs(9, 24, 20, 3, 1.1, dead=(5,), seed=6)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, m)]
+
+    def step():
+        with fused_lora.use_impl(impl):
+            y = dora.dora_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 1.1, dropout_p=0.2)
+            y.backward(dy)
+
+    step()
+    assert host_syncs(step) == []
