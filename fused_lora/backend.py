@@ -49,6 +49,51 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_EXACT_BF16_DOT = [0]  # how many exact_bf16_dot() blocks are open
+
+
+def bf16_dot_wrong() -> bool:
+    """True when bf16 matrix products would come out wrong: under Triton's interpreter, which multiplies
+    the raw uint16 bits of bf16 operands (values ~1e10, triton-lang/triton#11584), unless
+    :func:`exact_bf16_dot` is active. Callers then refuse bf16 or fall back to the reference."""
+    return interpreting() and not _EXACT_BF16_DOT[0]
+
+
+@contextlib.contextmanager
+def exact_bf16_dot() -> Iterator[None]:
+    """Within the block, Triton's interpreter multiplies bf16 operands by their values: each is widened
+    to fp32 (exact: the bf16 bits are fp32's high half) and the product accumulates in fp32, as the
+    tensor cores do (a bf16·bf16 product is exact in fp32). Patches the interpreter's ``create_dot`` for
+    the process (not thread-local: the interpreter runs one launch at a time) and restores it on exit.
+    For tests that need bf16 kernel parity on the CPU; outside the interpreter it does nothing."""
+    if not interpreting():
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def widen(t):
+        if t.dtype.scalar == tl.bfloat16:
+            data = (t.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        return t
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    _EXACT_BF16_DOT[0] += 1
+    try:
+        yield
+    finally:
+        _EXACT_BF16_DOT[0] -= 1
+        builder.create_dot = original
+
+
 def resolve_backend(device: torch.device) -> str:
     """'triton' or 'reference' for tensors on `device`. Under torch.compile it is read once, when a
     graph is traced, and baked into it (switching backends afterwards needs ``torch._dynamo.reset()``)."""

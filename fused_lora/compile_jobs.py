@@ -47,12 +47,12 @@ GEMM_VARIANTS = (
 )
 
 
-def _modes(dt: str, lora_dt: str, kept: bool) -> dict:
+def _modes(dt: str, lora_dt: str, kept: bool, bf16_parts: bool = True) -> dict:
     """LORA_MODE / LORA_DTYPE as kernels.precision.lora_mode picks them (fp32 activations: no TF32)."""
     if dt == "fp32":
         return {"LORA_MODE": 2, "LORA_DTYPE": "tl.fp32"}
-    if lora_dt == "fp32":
-        return {"LORA_MODE": 2 if kept else 1, "LORA_DTYPE": "tl.fp32"}
+    if lora_dt == "fp32":  # bf16 activations: BF16X3 (one fp32 side in bf16 parts), fp16: TF32X3
+        return {"LORA_MODE": (3 if dt == "bf16" and bf16_parts else 2) if kept else 1, "LORA_DTYPE": "tl.fp32"}
     if lora_dt == "fp16":  # fp16 adapters: fp32 intermediates stay fp32, rounded to TF32
         return {"LORA_MODE": 1, "LORA_DTYPE": "tl.fp32"}
     return {"LORA_MODE": 0, "LORA_DTYPE": "tl." + lora_dt}
@@ -101,7 +101,7 @@ def _shrink_args(dt: str, sizes: dict, r: int) -> dict:
     M, K = sizes["M"], sizes["K"]
     return dict(x_ptr="*" + dt, a_ptr="*fp32", xa_ptr="*fp32", seed_ptr="*i64", M=M, K=K, R=r,
                 stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_om=r, stride_or=1,
-                threshold="i32", out_scale="fp32")
+                stride_ap=r * K, threshold="i32", out_scale="fp32")
 
 
 def _grad_args(dt: str, sizes: dict, r: int) -> dict:
@@ -110,7 +110,7 @@ def _grad_args(dt: str, sizes: dict, r: int) -> dict:
                 da_ptr="*fp32", seed_ptr="*i64", bits_ptr="*i32", M=M, N=N, K=K, R=r,
                 stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_xam=r, stride_xar=1,
                 stride_xm=K, stride_xk=1, stride_gm=r, stride_gr=1, stride_dbp=0, stride_dbn=r, stride_dbr=1,
-                stride_dap=0, stride_dar=K, stride_dak=1, scale_g="fp32", threshold="i32", n_chunk="i32",
+                stride_dap=0, stride_dar=K, stride_dak=1, stride_bp=N * r, scale_g="fp32", threshold="i32", n_chunk="i32",
                 k_chunk="i32", stride_gs="i32", bits_words="i32", c_ptr="*fp32", y_ptr="*" + dt, dz_ptr="*" + dt,
                 ds_ptr="*fp32", stride_ym=N, stride_dzm=N)
 # fmt: on
@@ -200,7 +200,8 @@ def shrink_jobs(sizes: dict) -> list[Job]:
             meta = dict(R_PAD=r, DROPOUT=True, **_modes(dt, lora_dt, kept=True), BLOCK_M=c.BLOCK_M,
                         BLOCK_K=c.BLOCK_K, SPLIT_K=c.SPLIT_K)  # fmt: skip
             variant = f"dropout {dt}, {lora_dt} A, r<={r}"
-            args = {**_shrink_args(dt, sizes, r), "a_ptr": "*" + lora_dt}
+            parts = meta["LORA_MODE"] == 3  # BF16X3: A's bf16 parts (kernels.precision.bf16_parts)
+            args = {**_shrink_args(dt, sizes, r), "a_ptr": "*bf16" if parts else "*" + lora_dt}
             jobs.append(Job("_shrink_kernel", "shrink", _cfg_name(c), variant, args, meta,
                             c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
     return jobs
@@ -209,19 +210,20 @@ def shrink_jobs(sizes: dict) -> list[Job]:
 def grad_jobs(sizes: dict, dora: bool = False) -> list[Job]:
     """The grad pass in its heaviest variant per configuration, whole and split; `dora`: DoRA's (the dY
     loop also reading y and writing dz: COL_SCALE), at the ranks kernels.configs admits it for."""
-    from fused_lora.kernels.configs import GRAD, grad_r_block, keep_grad
+    from fused_lora.kernels.configs import BF16X3_MAX_R_BLOCK, GRAD, grad_r_block, keep_grad
 
     keep = (lambda *a: keep_grad(*a, dora=True)) if dora else keep_grad
     jobs = []
     for c in GRAD:
         for dt, lora_dt, r, archs in _stream_variants(c, keep, cap=lambda dt: grad_r_block(256, BYTES[dt])):
-            modes = _modes(dt, lora_dt, kept=True)
+            modes = _modes(dt, lora_dt, kept=True, bf16_parts=r <= BF16X3_MAX_R_BLOCK)
             meta = dict(R_BLOCK=r, STORE_G=True, COMPUTE_DB=True, COMPUTE_DA=True, DROPOUT=True, DETERMINISTIC=False,
                         G_MODE=modes["LORA_MODE"], G_DTYPE=modes["LORA_DTYPE"], D_MODE=modes["LORA_MODE"],
                         D_DTYPE=modes["LORA_DTYPE"], BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, PHASE=0,
                         STORE_BITS=True, COL_SCALE=dora, STORE_DZ=dora)  # fmt: skip
             variant = f"dropout {dt}, {lora_dt} A/B, r<={r}"
-            args = {**_grad_args(dt, sizes, r), "b_ptr": "*" + lora_dt}
+            parts = modes["LORA_MODE"] == 3  # BF16X3: B's bf16 parts (kernels.precision.bf16_parts)
+            args = {**_grad_args(dt, sizes, r), "b_ptr": "*bf16" if parts else "*" + lora_dt}
             jobs.append(Job("_lora_grad_kernel", "lora_grad", _cfg_name(c), variant, args, meta,
                             c.num_warps, c.num_stages, False, archs, serial_ok=True))  # fmt: skip
             # the split pass's two launches (fused_lora/kernels/lora_grad.py)
@@ -320,7 +322,7 @@ def embedding_jobs(sizes: dict | None = None) -> list[Job]:
                 archs = tuple(a for a in archs if first[a] is c)
             if archs:
                 meta = dict(R_BLOCK=r_block, COMPUTE_DA=True, COMPUTE_DB=True, SCALE_FREQ=freq, DETERMINISTIC=det,
-                            **_modes(dt, "fp32", kept=True), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D)  # fmt: skip
+                            **_modes(dt, "fp32", kept=True, bf16_parts=False), BLOCK_T=c.BLOCK_T, BLOCK_D=c.BLOCK_D)  # fmt: skip
                 args = _embedding_bwd_args(dt, r_block)
                 jobs.append(Job("_lora_embedding_bwd_kernel", "embedding", _cfg_name(c), f"{label}, r<={r_block}",
                                 args, meta, c.num_warps, c.num_stages, False, archs))  # fmt: skip

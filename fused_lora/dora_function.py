@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import impl, ops, reference
-from .backend import interpreting, resolve_backend
+from .backend import bf16_dot_wrong, resolve_backend
 from .function import _autocast_dtype, _draw_seed
 from .quant import QuantizedWeight
 from .validation import KERNEL_DTYPES
@@ -53,7 +53,7 @@ def fused_path_ok(x, weight, lora_A, bias, scale) -> bool:
         return False
     if x.dtype not in KERNEL_DTYPES or scale.device != x.device or resolve_backend(x.device) != "triton":
         return False
-    return not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting())
+    return not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_dot_wrong())
 
 
 class DoraLinearFunction(torch.autograd.Function):

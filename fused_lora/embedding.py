@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference_layers, sharing
-from .backend import interpreting, resolve_backend
+from .backend import bf16_dot_wrong, resolve_backend
 from .distributed import full, is_dtensor, local_block
 from .embedding_ops import LoRAEmbeddingFunction
 from .merging import ExactMerge, MergeRecord, MergeTarget, delta_product
@@ -152,7 +152,7 @@ def lora_embedding(
     if r == 0:
         return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     device = weight.device
-    bf16_interpreted = device.type == "cpu" and interpreting() and torch.bfloat16 in (weight.dtype, lora_A.dtype)
+    bf16_interpreted = device.type == "cpu" and bf16_dot_wrong() and torch.bfloat16 in (weight.dtype, lora_A.dtype)
     if bf16_interpreted and resolve_backend(device) == "triton":  # as lora_linear: never a wrong answer
         warnings.warn(
             "bf16 under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products wrongly, "

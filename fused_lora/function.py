@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import base_weight, ops, reference
-from .backend import interpreting, resolve_backend
+from .backend import bf16_dot_wrong, resolve_backend
 from .impl import get_impl
 from .quant import QuantizedWeight
 from .validation import (
@@ -152,7 +152,7 @@ def lora_linear(
 
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting()
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_dot_wrong()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

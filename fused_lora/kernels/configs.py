@@ -244,6 +244,13 @@ def grad_r_block(r_pad: int, elem_bytes: int) -> int:
     return min(r_pad, 64 if elem_bytes == 2 else 32)
 
 
+# The grad pass multiplies fp32 adapters by bf16 activations as three bf16 parts (precision.BF16X3) up to
+# this rank block; at 64, the parts of the in-register xa and g tiles spilled on sm_80 (B split per tile:
+# 20-412 B in five configurations; B split on the host: 8 B at 64x64 w8 s3; triton 3.6), so rank blocks
+# of 64 keep TF32X3.
+BF16X3_MAX_R_BLOCK = 32
+
+
 # DoRA's dY loop (kernels.lora_grad COL_SCALE: y read, dz written) needs more registers: at their LoRA
 # caps these spilled with fp32 adapters (16-bit activations, sm_80: 244 B at r <= 32, 48 B / 64 B at
 # r <= 64, 24 B at r <= 32, 16 B at r <= 64 under triton 3.8; sm_90a under 3.8: 220 B at r <= 16; fp32 activations:

@@ -285,7 +285,7 @@ def lora_embedding_backward(
         return (zeros(R, V) if need_dA else None), (zeros(D, R) if need_dB else None)
     e = dy.element_size()
     r_block = embedding_r_block(rank_pad(R), e)
-    mode, mode_dtype = native_16bit(dy.dtype, lora_B.dtype)
+    mode, mode_dtype = native_16bit(dy.dtype, lora_B.dtype, bf16_parts=False)  # BF16X3 spilled (sm_90a)
     dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=dev)
     flags = dict(COMPUTE_DA=need_dA, COMPUTE_DB=need_dB, SCALE_FREQ=counts is not None, DETERMINISTIC=deterministic)
 

@@ -30,9 +30,11 @@ dA, also stores it packed (int32 [M, ⌈K/32⌉], fused_lora/kernels/dropout.py)
 each Philox call's 8 draws become one byte where the words are, one byte store per 8 elements (rank block
 0 writes; with tiles narrower than 32 columns, or no dA, a small kernel draws them instead).
 
-Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else in TF32X3 (fp32 accuracy for g);
-dB and dA are TF32X3 for fp32 adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters
-(no fp16 overflow of g or xa) and native for bf16 ones (precision.py).
+Precision: dY·B multiplies natively when B has dY's 16-bit dtype, else at fp32 accuracy for g: BF16X3
+for bf16 dY (B in three bf16 parts against dY as it is; TF32X3 at rank blocks above
+configs.BF16X3_MAX_R_BLOCK, where the parts spilled), TF32X3 for fp16 dY; dB and dA likewise for fp32
+adapters (PEFT computes them in fp32), rounded TF32 for fp16 adapters (no fp16 overflow of g or xa) and
+native for bf16 ones (precision.py).
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .configs import GradConfig, admitted, deterministic_entry, device_arch, grad_r_block, grad_table, keep_grad
+from .configs import BF16X3_MAX_R_BLOCK, GradConfig, admitted, deterministic_entry, device_arch, grad_r_block, grad_table, keep_grad
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import check_keep_bits, drop_threshold, keep_bits, keep_from_words, philox_words, store_keep_bytes
-from .precision import lora_dot, lora_mode, native_16bit
+from .precision import BF16X3, bf16_parts, dot_bf16_parts, load_bf16_parts, lora_dot, lora_mode, native_16bit
 from .utils import bucket, check_interpretable, launch, num_programs, rank_pad, row_padded
 
 
@@ -60,6 +62,8 @@ def _lora_grad_kernel(
     # strides (db/da carry a leading per-band stride, 0 unless deterministic)
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_xm, stride_xk,
     stride_gm, stride_gr, stride_dbp, stride_dbn, stride_dbr, stride_dap, stride_dar, stride_dak,
+    # BF16X3 (G_MODE 3): b_ptr holds B's three bf16 parts (precision.bf16_parts), this far apart
+    stride_bp,
     # scalars: s/(1-p), round(p·2^16)
     scale_g, threshold,
     # meta-parameters
@@ -121,12 +125,13 @@ def _lora_grad_kernel(
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            b = tl.load(
-                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=col_ok[:, None] & rank_ok[None, :],
-                other=0.0,
-            )
-            g = lora_dot(dy, b, g, G_MODE, G_DTYPE)
+            b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+            b_ok = col_ok[:, None] & rank_ok[None, :]
+            if G_MODE == 3:  # BF16X3, B split on the host: three bf16 loads, no split in the loop
+                b_hi, b_mid, b_lo = load_bf16_parts(b_ptrs, stride_bp, b_ok)
+                g = dot_bf16_parts(dy, b_hi, b_mid, b_lo, g)
+            else:
+                g = lora_dot(dy, tl.load(b_ptrs, mask=b_ok, other=0.0), g, G_MODE, G_DTYPE)
             if COL_SCALE:  # b is c ⊙ B already (g = dz·B); here dz for dX and dm's column sums, one writer
                 first = tl.program_id(1) == 0
                 dyf = dy.to(tl.float32)
@@ -228,8 +233,10 @@ def lora_grad(
     r_block = grad_r_block(rank_pad(R), e)
     dropout = dropout_p > 0.0
     bits = check_keep_bits(keep_bits_out, M, K, dev) if dropout else None
-    g_mode, g_dtype = native_16bit(dy.dtype, lora_B.dtype)
-    d_mode, d_dtype = lora_mode(dy.dtype, lora_B.dtype, kept=lora_B.dtype == torch.float32)
+    split_ok = r_block <= BF16X3_MAX_R_BLOCK
+    g_mode, g_dtype = native_16bit(dy.dtype, lora_B.dtype, bf16_parts=split_ok)
+    kept = lora_B.dtype == torch.float32
+    d_mode, d_dtype = lora_mode(dy.dtype, lora_B.dtype, kept=kept, bf16_parts=split_ok)
     variant = dict(
         R_BLOCK=r_block, STORE_G=need_g, COMPUTE_DB=need_dB, COMPUTE_DA=need_dA, DROPOUT=dropout,
         DETERMINISTIC=deterministic, G_MODE=g_mode, G_DTYPE=g_dtype, D_MODE=d_mode, D_DTYPE=d_dtype,
@@ -238,6 +245,7 @@ def lora_grad(
     if dora is not None:
         col, y, dz, sums = dora
         dz = y if dz is None else dz
+    b = bf16_parts(lora_B) if g_mode == int(BF16X3) else lora_B  # split once per call, not per tile
 
     def run(c: GradConfig, splits: int = 1):
         bands, rblocks = triton.cdiv(M, c.BLOCK_M), triton.cdiv(R, r_block)
@@ -255,12 +263,13 @@ def lora_grad(
             # fmt: off
             launch(
                 _lora_grad_kernel, grid,
-                dy, lora_B, xa, x, g, db, da, seed if dropout else xa, bits if store_bits else xa,
+                dy, b, xa, x, g, db, da, seed if dropout else xa, bits if store_bits else xa,
                 M, N, K, R,
-                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+                dy.stride(0), dy.stride(1), b.stride(-2), b.stride(-1), xa.stride(0), xa.stride(1),
                 x.stride(0), x.stride(1), g.stride(-2), g.stride(-1),
                 db.stride(0) if deterministic else 0, db.stride(1), db.stride(2),
                 da.stride(0) if deterministic else 0, da.stride(1), da.stride(2),
+                b.stride(0) if b.dim() == 3 else 0,
                 float(scaling) / (1.0 - dropout_p), drop_threshold(dropout_p), n_chunk, k_chunk, stride_gs,
                 bits.shape[1] if store_bits else 0,
                 *((col, y, dz, ds, y.stride(0), dz.stride(0)) if dora is not None else (xa, xa, xa, ds, 0, 0)),

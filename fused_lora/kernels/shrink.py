@@ -24,7 +24,7 @@ from .configs import ShrinkConfig, admitted, deterministic_entry, device_arch, k
 from .configs import launch_kwargs as config_kwargs
 from .configs import name as config_name
 from .dropout import drop_threshold, keep_mask
-from .precision import lora_dot, native_16bit
+from .precision import BF16X3, bf16_parts, dot_bf16_parts, load_bf16_parts, lora_dot, native_16bit
 from .utils import bucket, check_interpretable, launch, rank_pad, row_padded
 
 
@@ -37,6 +37,8 @@ def _shrink_kernel(
     M, K, R,
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    # BF16X3 (LORA_MODE 3): a_ptr holds A's three bf16 parts (precision.bf16_parts), this far apart
+    stride_ap,
     # dropout: round(p·2^16); the output scale s/(1-p) (s without dropout)
     threshold, out_scale,
     # meta-parameters
@@ -65,10 +67,14 @@ def _shrink_kernel(
         k_left = K - kb * BLOCK_K
         cols = (kb * BLOCK_K + offs_k[None, :]).to(tl.int64)
         x = tl.load(x_rows + cols * stride_xk, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
-        at = tl.load(at_ptrs, mask=(offs_k[:, None] < k_left) & rank_ok, other=0.0)
+        at_ok = (offs_k[:, None] < k_left) & rank_ok
         if DROPOUT:  # a product, as torch's dropout: NaN or inf at a dropped position stays NaN
             x = x * keep_mask(seed, offs_m, kb * BLOCK_K, threshold, BLOCK_M, BLOCK_K).to(x.dtype)
-        acc = lora_dot(x, at, acc, LORA_MODE, LORA_DTYPE)
+        if LORA_MODE == 3:  # BF16X3, A split on the host: three bf16 loads, no split in the loop
+            at_hi, at_mid, at_lo = load_bf16_parts(at_ptrs, stride_ap, at_ok)
+            acc = dot_bf16_parts(x, at_hi, at_mid, at_lo, acc)
+        else:
+            acc = lora_dot(x, tl.load(at_ptrs, mask=at_ok, other=0.0), acc, LORA_MODE, LORA_DTYPE)
         at_ptrs += SPLIT_K * BLOCK_K * stride_ak
     acc = acc * out_scale
 
@@ -98,6 +104,7 @@ def shrink(
     check_interpretable(x, lora_A)
     dropout = dropout_p > 0.0
     mode, mode_dtype = native_16bit(x.dtype, lora_A.dtype)
+    a = bf16_parts(lora_A) if mode == int(BF16X3) else lora_A  # split once per call, not per tile
     variant = dict(R_PAD=rank_pad(R), DROPOUT=dropout, LORA_MODE=mode, LORA_DTYPE=mode_dtype)
 
     def run(c: ShrinkConfig) -> torch.Tensor:
@@ -109,9 +116,10 @@ def shrink(
         # fmt: off
         launch(
             _shrink_kernel, (triton.cdiv(M, c.BLOCK_M), c.SPLIT_K),
-            x, lora_A, xa, seed if dropout else xa,
+            x, a, xa, seed if dropout else xa,
             M, K, R,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            x.stride(0), x.stride(1), a.stride(-2), a.stride(-1), xa.stride(0), xa.stride(1),
+            a.stride(0) if a.dim() == 3 else 0,
             drop_threshold(dropout_p), float(scale) / (1.0 - dropout_p),
             **variant, **config_kwargs(c),
         )

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
+from ..backend import bf16_dot_wrong
+
 # How many times each kernel was launched in this process, by kernel name. Tests read it to prove that
 # the Triton kernels (not the reference) produced a result; benchmarks ignore it.
 LAUNCHES: collections.Counter[str] = collections.Counter()
@@ -29,7 +31,7 @@ def interpreting() -> bool:
 def check_interpretable(*tensors) -> None:
     """Under the interpreter, refuse bf16 operands of matrix products: Triton's interpreter multiplies
     them wrongly (values ~1e10, triton-lang/triton#11584), and a wrong answer must never come back."""
-    if interpreting() and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+    if bf16_dot_wrong() and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
         raise TypeError(
             "bf16 tensors under TRITON_INTERPRET=1: Triton's interpreter computes bf16 matrix products "
             "wrongly; use fp16/fp32 here, the 'reference' backend, or a GPU"
